@@ -1,0 +1,268 @@
+"""Every error tigress-signal raises, in one tree.
+
+Foreign exceptions (libsignal's, httpx's, sqlite3's, websockets') are converted to these at a
+single boundary in the module that talks to the foreign component, with ``raise ... from exc``,
+so a caller only ever needs to catch :class:`TigressSignalError` or one of its branches::
+
+    TigressSignalError
+    ├── ConfigError                      bad or missing configuration value
+    ├── BridgeError                      the libsignal sidecar (bridge/libsignal.py)
+    │   ├── BridgeUnavailable            sidecar not running, crashed mid-call, or would not start
+    │   ├── BridgeProtocolError          sidecar answered something that is not our protocol
+    │   └── SignalProtocolError          libsignal refused the operation
+    │       ├── UntrustedIdentity        peer's identity key is not trusted (names the peer)
+    │       ├── DuplicateMessage         message was already decrypted (replay or redelivery)
+    │       ├── InvalidMessage           malformed, tampered or undecryptable message
+    │       ├── NoSession                no session with that peer yet
+    │       ├── UnknownPreKey            message names a prekey this wallet does not hold
+    │       └── InvalidSignature         a prekey signature does not verify
+    ├── StoreError                       the wallet's SQLite store (wallet/store.py)
+    │   └── StoreLocked                  another process has this wallet open
+    ├── ServerApiError                   the intermediary answered with an error (has .status)
+    │   ├── AuthenticationFailed         401: wrong account id or password
+    │   ├── NotFound                     404: no such account, device or message
+    │   ├── MismatchedDevices            409: the device list of the recipient differs
+    │   ├── StaleDevices                 410: a recipient device re-registered
+    │   ├── PayloadTooLarge              413: a message is over the size limit
+    │   └── RateLimited                  429: slow down (has .retry_after)
+    ├── ChannelError                     a CredentialChannel could not send or receive
+    │   └── ChannelClosed                the channel was closed
+    ├── ShareError                       the share state machine (shares/)
+    │   ├── UnknownShare                 no share with that id in this wallet
+    │   ├── InvalidTransition            message does not fit the share's state
+    │   └── ShareExpired                 the share's expiry has passed
+    └── CredentialError                  a credential or endorsement (credentials/)
+        ├── MalformedTransferMessage     a transfer message that does not parse
+        └── EndorsementRejected          a digital-key endorsement does not verify
+"""
+
+from __future__ import annotations
+
+
+class TigressSignalError(Exception):
+    """Root of every error raised by tigress-signal.
+
+    Attributes:
+        hint: one line telling a person what to do about it, or an empty string.
+    """
+
+    hint: str = ""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+    def user_message(self) -> str:
+        """The error as one line for a person: what went wrong, then what to do."""
+        text = str(self)
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+class ConfigError(TigressSignalError):
+    """A configuration value is missing or invalid."""
+
+
+# -- libsignal sidecar ---------------------------------------------------------------------
+
+
+class BridgeError(TigressSignalError):
+    """The libsignal sidecar failed."""
+
+
+class BridgeUnavailable(BridgeError):
+    """The sidecar is not running, would not start, or died while a call was in flight."""
+
+    hint = "check that Node.js 20+ is installed and run the setup (make setup)"
+
+
+class BridgeProtocolError(BridgeError):
+    """The sidecar sent something that is not a well-formed answer of our protocol."""
+
+
+class SignalProtocolError(BridgeError):
+    """libsignal refused an operation.
+
+    Attributes:
+        operation: the sidecar method that failed.
+        libsignal_code: libsignal's numeric error code, when it gave one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str = "",
+        libsignal_code: int | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.operation = operation
+        self.libsignal_code = libsignal_code
+
+
+class UntrustedIdentity(SignalProtocolError):
+    """The peer's identity key is not trusted for this direction.
+
+    Attributes:
+        peer: the peer's account id (the protocol address name).
+    """
+
+    hint = "compare safety numbers with the peer, then trust the new key"
+
+    def __init__(self, message: str, *, peer: str, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.peer = peer
+
+
+class DuplicateMessage(SignalProtocolError):
+    """The message was already decrypted once (a replay or a redelivery)."""
+
+
+class InvalidMessage(SignalProtocolError):
+    """The message is malformed, tampered with, or not decryptable with the session."""
+
+
+class NoSession(SignalProtocolError):
+    """There is no session with this peer yet."""
+
+
+class UnknownPreKey(SignalProtocolError):
+    """The message names a one-time, signed or Kyber prekey that this wallet does not hold."""
+
+
+class InvalidSignature(SignalProtocolError):
+    """A signed prekey or Kyber prekey signature does not verify against the identity key."""
+
+
+# -- wallet store ----------------------------------------------------------------------------
+
+
+class StoreError(TigressSignalError):
+    """The wallet store failed to read or write."""
+
+
+class StoreLocked(StoreError):
+    """Another process has this wallet open."""
+
+    hint = "stop the other tigress-signal process using this wallet folder"
+
+
+# -- intermediary HTTP API (client side) -----------------------------------------------------
+
+
+class ServerApiError(TigressSignalError):
+    """The intermediary answered with an error status.
+
+    Attributes:
+        status: the HTTP status code.
+        body: the decoded JSON error body (empty if there was none).
+    """
+
+    def __init__(
+        self, message: str, *, status: int, body: dict[str, object] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body or {}
+
+
+class AuthenticationFailed(ServerApiError):
+    """401: the account id or device password is wrong."""
+
+    hint = "check the wallet's account id and password, or register the wallet again"
+
+
+class NotFound(ServerApiError):
+    """404: no such account, device or message."""
+
+
+class MismatchedDevices(ServerApiError):
+    """409: the message list does not match the recipient's devices."""
+
+    @property
+    def missing_devices(self) -> list[int]:
+        """Device ids the sender must add."""
+        return [int(d) for d in self.body.get("missingDevices", []) or []]  # type: ignore[attr-defined]
+
+    @property
+    def extra_devices(self) -> list[int]:
+        """Device ids the sender must drop."""
+        return [int(d) for d in self.body.get("extraDevices", []) or []]  # type: ignore[attr-defined]
+
+
+class StaleDevices(ServerApiError):
+    """410: some recipient devices re-registered (their registration id changed)."""
+
+    @property
+    def stale_devices(self) -> list[int]:
+        """Device ids whose sessions must be rebuilt."""
+        return [int(d) for d in self.body.get("staleDevices", []) or []]  # type: ignore[attr-defined]
+
+
+class PayloadTooLarge(ServerApiError):
+    """413: a message is larger than the server accepts."""
+
+
+class RateLimited(ServerApiError):
+    """429: too many requests.
+
+    Attributes:
+        retry_after: seconds to wait before trying again, if the server said.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 429,
+        body: dict[str, object] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status=status, body=body)
+        self.retry_after = retry_after
+
+
+# -- channels --------------------------------------------------------------------------------
+
+
+class ChannelError(TigressSignalError):
+    """A CredentialChannel could not send or receive."""
+
+
+class ChannelClosed(ChannelError):
+    """The channel was closed."""
+
+
+# -- shares ----------------------------------------------------------------------------------
+
+
+class ShareError(TigressSignalError):
+    """The share state machine refused something."""
+
+
+class UnknownShare(ShareError):
+    """No share with that id exists in this wallet."""
+
+
+class InvalidTransition(ShareError):
+    """A message or action does not fit the share's current state."""
+
+
+class ShareExpired(ShareError):
+    """The share's expiry time has passed."""
+
+
+# -- credentials -----------------------------------------------------------------------------
+
+
+class CredentialError(TigressSignalError):
+    """A credential, endorsement or transfer message is not acceptable."""
+
+
+class MalformedTransferMessage(CredentialError):
+    """A decrypted transfer message does not parse as one of ours."""
+
+
+class EndorsementRejected(CredentialError):
+    """A digital-key endorsement or challenge response does not verify."""
