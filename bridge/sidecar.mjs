@@ -1,0 +1,605 @@
+// tigress-signal's libsignal sidecar: newline-delimited JSON-RPC over stdin/stdout.
+//
+// The protocol is described in docs/architecture.md ("Sidecar protocol"). In short: Python sends
+// requests, the sidecar answers them (possibly out of order), and asks Python for records it
+// does not hold with `load` requests of its own. stdout carries protocol lines only; diagnostics
+// go to stderr and never contain key material. The sidecar exits when stdin closes.
+
+import { randomInt } from 'node:crypto';
+import { createRequire } from 'node:module';
+import process from 'node:process';
+
+import * as S from '@signalapp/libsignal-client';
+
+import {
+  CallIdentityStore,
+  CallKyberPreKeyStore,
+  CallPreKeyStore,
+  CallRecords,
+  CallSessionStore,
+  CallSignedPreKeyStore,
+  KYBER_REPLAY,
+  LOAD_FAILED,
+  MISSING_RECORD,
+  RecordCache,
+} from './stores.mjs';
+
+const LIBSIGNAL_VERSION = createRequire(import.meta.url)('@signalapp/libsignal-client/package.json')
+  .version;
+const FINGERPRINT_ITERATIONS = 5200;
+const MAX_REGISTRATION_ID = 0x3fff;
+const MAX_KEY_ID = 0x7fffffff;
+const MAX_BATCH = 1000;
+const TRUST_POLICIES = new Set(['tofu', 'always', 'verify']);
+const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+// -- output: protocol lines, batched per event-loop turn -------------------------------------
+
+let outbox = [];
+let flushQueued = false;
+
+function send(message) {
+  outbox.push(JSON.stringify(message));
+  if (!flushQueued) {
+    flushQueued = true;
+    setImmediate(flush);
+  }
+}
+
+function flush() {
+  flushQueued = false;
+  if (outbox.length === 0) {
+    return;
+  }
+  const text = outbox.join('\n') + '\n';
+  outbox = [];
+  process.stdout.write(text);
+}
+
+function diagnose(text) {
+  process.stderr.write(`[sidecar] ${text}\n`);
+}
+
+// -- record loads from Python ----------------------------------------------------------------
+
+let nextLoadId = 1;
+const pendingLoads = new Map();
+
+function requestLoad(kind, key) {
+  const id = `L${nextLoadId++}`;
+  return new Promise((resolve, reject) => {
+    pendingLoads.set(id, { resolve, reject });
+    send({ id, method: 'load', params: { kind, key } });
+  });
+}
+
+function answerLoad(message) {
+  const waiter = pendingLoads.get(message.id);
+  if (waiter === undefined) {
+    diagnose(`answer to unknown load ${message.id}`);
+    return;
+  }
+  pendingLoads.delete(message.id);
+  if (message.error || !message.result) {
+    waiter.reject(new Error(LOAD_FAILED));
+    return;
+  }
+  const value = message.result.value;
+  waiter.resolve(value === null || value === undefined ? null : fromBase64(value));
+}
+
+const cache = new RecordCache(requestLoad);
+
+// -- the local identity, set by `open` ---------------------------------------------------------
+
+let local = null;
+
+// -- serialization: one call at a time per peer; PreKey messages one at a time overall ----------
+
+const tails = new Map();
+
+function serialized(lane, work) {
+  const previous = tails.get(lane) ?? Promise.resolve();
+  const run = previous.then(() => work());
+  const tail = run.then(
+    () => undefined,
+    () => undefined,
+  );
+  tails.set(lane, tail);
+  tail.then(() => {
+    if (tails.get(lane) === tail) {
+      tails.delete(lane);
+    }
+  });
+  return run;
+}
+
+// -- methods -------------------------------------------------------------------------------
+
+class BadRequest extends Error {}
+
+const methods = {
+  async ping() {
+    return { libsignalVersion: LIBSIGNAL_VERSION, pid: process.pid };
+  },
+
+  async generateIdentity() {
+    const pair = S.IdentityKeyPair.generate();
+    return {
+      identityKeyPair: toBase64(pair.serialize()),
+      publicKey: toBase64(pair.publicKey.serialize()),
+      registrationId: randomInt(1, MAX_REGISTRATION_ID + 1),
+    };
+  },
+
+  async open(params) {
+    const identityBytes = bytesParam(params, 'identityKeyPair');
+    const registrationId = intParam(params, 'registrationId', 1, MAX_REGISTRATION_ID);
+    const trustPolicy = params.trustPolicy ?? 'tofu';
+    if (!TRUST_POLICIES.has(trustPolicy)) {
+      throw new BadRequest(`unknown trustPolicy ${JSON.stringify(trustPolicy)}`);
+    }
+    const lastResort = params.lastResortKyberIds ?? [];
+    if (!Array.isArray(lastResort) || !lastResort.every((id) => Number.isInteger(id))) {
+      throw new BadRequest('lastResortKyberIds must be a list of integers');
+    }
+    let identityKeyPair;
+    try {
+      identityKeyPair = S.IdentityKeyPair.deserialize(identityBytes);
+    } catch {
+      throw new BadRequest('identityKeyPair is not a serialized IdentityKeyPair');
+    }
+    // Another identity means other records: drop every working copy.
+    if (local === null || !sameBytes(local.identityBytes, identityBytes)) {
+      cache.clear();
+    }
+    local = {
+      identityBytes,
+      identityKeyPair,
+      registrationId,
+      address: addressParam(params),
+      trustPolicy,
+      lastResortKyberIds: new Set(lastResort),
+    };
+    return {};
+  },
+
+  async generatePreKeys(params) {
+    requireOpen();
+    const startId = intParam(params, 'startId', 1, MAX_KEY_ID);
+    const count = intParam(params, 'count', 1, MAX_BATCH);
+    checkIdRange(startId, count);
+    const preKeys = [];
+    for (let keyId = startId; keyId < startId + count; keyId++) {
+      const privateKey = S.PrivateKey.generate();
+      const publicKey = privateKey.getPublicKey();
+      const record = S.PreKeyRecord.new(keyId, publicKey, privateKey);
+      cache.evict('prekey', String(keyId));
+      preKeys.push({
+        keyId,
+        publicKey: toBase64(publicKey.serialize()),
+        record: toBase64(record.serialize()),
+      });
+    }
+    return { preKeys };
+  },
+
+  async generateSignedPreKey(params) {
+    const me = requireOpen();
+    const keyId = intParam(params, 'keyId', 1, MAX_KEY_ID);
+    const timestamp = intParam(params, 'timestamp', 0, Number.MAX_SAFE_INTEGER);
+    const privateKey = S.PrivateKey.generate();
+    const publicKey = privateKey.getPublicKey();
+    const signature = me.identityKeyPair.privateKey.sign(publicKey.serialize());
+    const record = S.SignedPreKeyRecord.new(keyId, timestamp, publicKey, privateKey, signature);
+    cache.evict('signed_prekey', String(keyId));
+    return {
+      keyId,
+      publicKey: toBase64(publicKey.serialize()),
+      signature: toBase64(signature),
+      record: toBase64(record.serialize()),
+    };
+  },
+
+  async generateKyberPreKeys(params) {
+    const me = requireOpen();
+    const startId = intParam(params, 'startId', 1, MAX_KEY_ID);
+    const count = intParam(params, 'count', 1, MAX_BATCH);
+    const timestamp = intParam(params, 'timestamp', 0, Number.MAX_SAFE_INTEGER);
+    checkIdRange(startId, count);
+    const pqPreKeys = [];
+    for (let keyId = startId; keyId < startId + count; keyId++) {
+      const keyPair = S.KEMKeyPair.generate();
+      const publicKey = keyPair.getPublicKey().serialize();
+      const signature = me.identityKeyPair.privateKey.sign(publicKey);
+      const record = S.KyberPreKeyRecord.new(keyId, timestamp, keyPair, signature);
+      cache.evict('kyber_prekey', String(keyId));
+      pqPreKeys.push({
+        keyId,
+        publicKey: toBase64(publicKey),
+        signature: toBase64(signature),
+        record: toBase64(record.serialize()),
+      });
+    }
+    return { pqPreKeys };
+  },
+
+  async processPreKeyBundle(params) {
+    const me = requireOpen();
+    const address = addressParam(params);
+    const bundle = bundleParam(params.bundle);
+    return serialized(`peer:${address.name()}`, () =>
+      withCallStores(me, async (stores) => {
+        await S.processPreKeyBundle(bundle, address, me.address, stores.session, stores.identity);
+        return {};
+      }),
+    );
+  },
+
+  async encrypt(params) {
+    const me = requireOpen();
+    const address = addressParam(params);
+    const plaintext = bytesParam(params, 'plaintext');
+    return serialized(`peer:${address.name()}`, () =>
+      withCallStores(me, async (stores) => {
+        const message = await S.signalEncrypt(
+          plaintext,
+          address,
+          me.address,
+          stores.session,
+          stores.identity,
+        );
+        return { type: message.type(), ciphertext: toBase64(message.serialize()) };
+      }),
+    );
+  },
+
+  async decrypt(params) {
+    const me = requireOpen();
+    const address = addressParam(params);
+    const type = params.type;
+    const ciphertext = bytesParam(params, 'ciphertext');
+    if (type === S.CiphertextMessageType.Whisper) {
+      return serialized(`peer:${address.name()}`, () =>
+        withCallStores(me, async (stores) => {
+          const message = S.SignalMessage.deserialize(ciphertext);
+          const plaintext = await S.signalDecrypt(
+            message,
+            address,
+            me.address,
+            stores.session,
+            stores.identity,
+          );
+          return { plaintext: toBase64(plaintext) };
+        }),
+      );
+    }
+    if (type === S.CiphertextMessageType.PreKey) {
+      // PreKey messages share the prekey stores across peers: one at a time, so two senders
+      // can never both consume the same one-time prekey.
+      return serialized(`peer:${address.name()}`, () =>
+        serialized('prekeys', () =>
+          withCallStores(me, async (stores) => {
+            const message = S.PreKeySignalMessage.deserialize(ciphertext);
+            const plaintext = await S.signalDecryptPreKey(
+              message,
+              address,
+              me.address,
+              stores.session,
+              stores.identity,
+              stores.preKey,
+              stores.signedPreKey,
+              stores.kyberPreKey,
+            );
+            return { plaintext: toBase64(plaintext) };
+          }),
+        ),
+      );
+    }
+    throw new BadRequest('type must be 2 (Whisper) or 3 (PreKey)');
+  },
+
+  async safetyNumber(params) {
+    const localId = stringParam(params, 'localId');
+    const remoteId = stringParam(params, 'remoteId');
+    const localKey = publicKeyParam(params, 'localKey');
+    const remoteKey = publicKeyParam(params, 'remoteKey');
+    // Signal's current form: both ids as 16-byte UUIDs, version 2. Ids that are not UUIDs
+    // (tests, other deployments) fall back to version 1 over their UTF-8 text.
+    const asUuids = UUID_RE.test(localId) && UUID_RE.test(remoteId);
+    const encode = asUuids ? uuidBytes : (text) => new Uint8Array(Buffer.from(text, 'utf8'));
+    const fingerprint = S.Fingerprint.new(
+      FINGERPRINT_ITERATIONS,
+      asUuids ? 2 : 1,
+      encode(localId),
+      localKey,
+      encode(remoteId),
+      remoteKey,
+    );
+    return {
+      digits: fingerprint.displayableFingerprint().toString(),
+      scannable: toBase64(fingerprint.scannableFingerprint().toBuffer()),
+    };
+  },
+
+  async verifySignature(params) {
+    const publicKey = publicKeyParam(params, 'publicKey');
+    const message = bytesParam(params, 'message');
+    const signature = bytesParam(params, 'signature');
+    let valid;
+    try {
+      valid = publicKey.verify(message, signature);
+    } catch {
+      valid = false;
+    }
+    return { valid };
+  },
+
+  async evict(params) {
+    if (!Array.isArray(params.records)) {
+      throw new BadRequest('records must be a list of {kind, key}');
+    }
+    for (const record of params.records) {
+      if (typeof record?.kind !== 'string' || typeof record?.key !== 'string') {
+        throw new BadRequest('records must be a list of {kind, key}');
+      }
+      cache.evict(record.kind, record.key);
+    }
+    return {};
+  },
+};
+
+/** Run one libsignal operation on fresh per-call stores; commit its writes only on success. */
+async function withCallStores(me, operation) {
+  const records = new CallRecords(cache);
+  const stores = {
+    session: new CallSessionStore(records),
+    identity: new CallIdentityStore(records, me),
+    preKey: new CallPreKeyStore(records),
+    signedPreKey: new CallSignedPreKeyStore(records),
+    kyberPreKey: new CallKyberPreKeyStore(records, me),
+  };
+  const result = await operation(stores);
+  const changes = records.commit().map((c) => ({
+    kind: c.kind,
+    key: c.key,
+    value: c.value === null ? null : toBase64(c.value),
+  }));
+  return { ...result, changes, events: records.events };
+}
+
+// -- parameters ------------------------------------------------------------------------------
+
+function requireOpen() {
+  if (local === null) {
+    throw new BadRequest('call open first');
+  }
+  return local;
+}
+
+function intParam(params, name, min, max) {
+  const value = params[name];
+  if (!Number.isInteger(value) || value < min || value > max) {
+    throw new BadRequest(`${name} must be an integer in ${min}..${max}`);
+  }
+  return value;
+}
+
+function stringParam(params, name) {
+  const value = params[name];
+  if (typeof value !== 'string' || value.length === 0) {
+    throw new BadRequest(`${name} must be a non-empty string`);
+  }
+  return value;
+}
+
+function bytesParam(params, name) {
+  const value = params?.[name];
+  if (typeof value !== 'string') {
+    throw new BadRequest(`${name} must be base64 text`);
+  }
+  return fromBase64(value);
+}
+
+function publicKeyParam(params, name) {
+  try {
+    return S.PublicKey.deserialize(bytesParam(params, name));
+  } catch (err) {
+    if (err instanceof BadRequest) {
+      throw err;
+    }
+    throw new BadRequest(`${name} is not a serialized public key`);
+  }
+}
+
+function addressParam(params) {
+  const address = params.address;
+  if (typeof address !== 'object' || address === null) {
+    throw new BadRequest('address must be {name, deviceId}');
+  }
+  const name = stringParam(address, 'name');
+  const deviceId = intParam(address, 'deviceId', 1, 127);
+  return S.ProtocolAddress.new(name, deviceId);
+}
+
+function bundleParam(bundle) {
+  if (typeof bundle !== 'object' || bundle === null) {
+    throw new BadRequest('bundle must be an object');
+  }
+  const signed = bundle.signedPreKey ?? {};
+  const pq = bundle.pqPreKey ?? {};
+  const one = bundle.preKey ?? null;
+  try {
+    return S.PreKeyBundle.new(
+      intParam(bundle, 'registrationId', 0, MAX_KEY_ID),
+      intParam(bundle, 'deviceId', 1, 127),
+      one === null ? null : intParam(one, 'keyId', 0, MAX_KEY_ID),
+      one === null ? null : publicKeyParam(one, 'publicKey'),
+      intParam(signed, 'keyId', 0, MAX_KEY_ID),
+      publicKeyParam(signed, 'publicKey'),
+      bytesParam(signed, 'signature'),
+      publicKeyParam(bundle, 'identityKey'),
+      intParam(pq, 'keyId', 0, MAX_KEY_ID),
+      S.KEMPublicKey.deserialize(bytesParam(pq, 'publicKey')),
+      bytesParam(pq, 'signature'),
+    );
+  } catch (err) {
+    if (err instanceof BadRequest) {
+      throw err;
+    }
+    throw new BadRequest(`bundle does not parse: ${err.message}`);
+  }
+}
+
+function checkIdRange(startId, count) {
+  if (startId + count - 1 > MAX_KEY_ID) {
+    throw new BadRequest(`key ids ${startId}+${count} run past ${MAX_KEY_ID}`);
+  }
+}
+
+// -- errors ------------------------------------------------------------------------------------
+
+/** Map an exception to the protocol's error `kind`: libsignal's code first, then its text. */
+function classify(err) {
+  if (err instanceof BadRequest) {
+    return 'bad_request';
+  }
+  const message = String(err?.message ?? err);
+  const code = err instanceof S.LibSignalErrorBase ? err.code : null;
+  switch (code) {
+    case S.ErrorCode.DuplicatedMessage:
+      return 'duplicate_message';
+    case S.ErrorCode.UntrustedIdentity:
+      return 'untrusted_identity';
+    case S.ErrorCode.InvalidProtocolAddress:
+      return 'bad_request';
+    case S.ErrorCode.InvalidSession:
+      return 'invalid_message';
+    default:
+      break;
+  }
+  if (message.includes(LOAD_FAILED)) {
+    return 'internal';
+  }
+  if (message.includes(KYBER_REPLAY)) {
+    return 'duplicate_message';
+  }
+  if (/session with .* not found/.test(message) || /no session/i.test(message)) {
+    return 'no_session';
+  }
+  if (message.includes('invalid signature')) {
+    return 'invalid_signature';
+  }
+  if (
+    message.includes(MISSING_RECORD) ||
+    /invalid (signed |Kyber )?prekey identifier/i.test(message) ||
+    /method call 'load(Pre|SignedPre|KyberPre)Key'/.test(message)
+  ) {
+    return 'unknown_prekey';
+  }
+  if (
+    /^invalid .*message/i.test(message) ||
+    /too short|protobuf|bad key type|unrecognized message version|bad mac|decryption failed/i.test(
+      message,
+    )
+  ) {
+    return 'invalid_message';
+  }
+  if (code !== null) {
+    return 'invalid_message';
+  }
+  return 'internal';
+}
+
+function errorAnswer(err, params) {
+  const kind = classify(err);
+  const peer = typeof params?.address?.name === 'string' ? params.address.name : null;
+  let message = String(err?.message ?? err);
+  if (kind === 'internal') {
+    // An unexpected failure: keep its text short and say so on stderr without any key bytes.
+    diagnose(`internal error: ${message.split('\n')[0].slice(0, 300)}`);
+  }
+  if (message.length > 500) {
+    message = message.slice(0, 500);
+  }
+  return {
+    kind,
+    message,
+    code: err instanceof S.LibSignalErrorBase ? err.code : null,
+    peer,
+  };
+}
+
+// -- input -------------------------------------------------------------------------------------
+
+async function handleRequest(message) {
+  const { id, method } = message;
+  const params = message.params ?? {};
+  const run = Object.hasOwn(methods, method) ? methods[method] : null;
+  if (run === null) {
+    send({ id, error: errorAnswer(new BadRequest(`unknown method ${method}`), params) });
+    return;
+  }
+  try {
+    const result = await run(params);
+    send({ id, result });
+  } catch (err) {
+    send({ id, error: errorAnswer(err, params) });
+  }
+}
+
+function handleLine(line) {
+  if (line.length === 0) {
+    return;
+  }
+  let message;
+  try {
+    message = JSON.parse(line);
+  } catch {
+    diagnose('dropped a line that is not JSON');
+    return;
+  }
+  if (typeof message.id === 'string' && message.method === undefined) {
+    answerLoad(message);
+  } else if (typeof message.method === 'string') {
+    handleRequest(message);
+  } else {
+    diagnose('dropped a line that is neither a request nor a load answer');
+  }
+}
+
+let pending = '';
+process.stdin.setEncoding('utf8');
+process.stdin.on('data', (chunk) => {
+  pending += chunk;
+  let start = 0;
+  let end;
+  while ((end = pending.indexOf('\n', start)) !== -1) {
+    handleLine(pending.slice(start, end));
+    start = end + 1;
+  }
+  pending = start === 0 ? pending : pending.slice(start);
+});
+process.stdin.on('end', () => {
+  flush();
+  process.exit(0);
+});
+process.stdout.on('error', () => process.exit(0));
+
+// -- small pieces --------------------------------------------------------------------------------
+
+function fromBase64(text) {
+  return new Uint8Array(Buffer.from(text, 'base64'));
+}
+
+function toBase64(bytes) {
+  return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('base64');
+}
+
+function sameBytes(a, b) {
+  return a.length === b.length && Buffer.compare(a, b) === 0;
+}
+
+function uuidBytes(text) {
+  return new Uint8Array(Buffer.from(text.replaceAll('-', ''), 'hex'));
+}

@@ -1,0 +1,280 @@
+"""The CredentialChannel over the self-hosted intermediary, with libsignal doing the crypto.
+
+Sending: on first contact with a peer, fetch its prekey bundle and set up a PQXDH session; then
+encrypt for each of the peer's devices, commit the new session state, and hand the ciphertexts
+to the intermediary.
+
+Receiving: hold a WebSocket to the intermediary; after every (re)connect, first catch up over
+REST on whatever was stored meanwhile, then take pushed messages. Each message is decrypted
+under the peer's lock and handed to the wallet with the records its decryption changed; the
+lock is held until the wallet acknowledges (its effect is committed) or releases it, so no other
+operation for that peer can interleave with the session update.
+
+Note:
+    Each peer is sent to on the devices its bundle listed at first contact. Keeping that list
+    current (the server's 409 and 410 answers) is not handled here yet: such a send fails with
+    the server's error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+from tigress_signal.bridge.libsignal import LibsignalBridge, ProtocolAddress
+from tigress_signal.bridge.records import RecordChange
+from tigress_signal.channel import CredentialChannel, IncomingMessage
+from tigress_signal.errors import (
+    BridgeUnavailable,
+    ChannelClosed,
+    ChannelError,
+    DuplicateMessage,
+    ServerApiError,
+    SignalProtocolError,
+    TigressSignalError,
+    UntrustedIdentity,
+)
+from tigress_signal.intermediary.client import Envelope, IntermediaryClient, OutgoingMessage
+from tigress_signal.wallet.store import Account, WalletStore
+
+log = logging.getLogger(__name__)
+
+# The intermediary's envelope types and libsignal's message types for the same two messages.
+_ENVELOPE_CIPHERTEXT = 1
+_ENVELOPE_PREKEY = 3
+_LIBSIGNAL_WHISPER = 2
+_LIBSIGNAL_PREKEY = 3
+
+_RECONNECT_FIRST_DELAY = 0.2
+_RECONNECT_MAX_DELAY = 10.0
+
+
+class SelfHostedChannel(CredentialChannel):
+    """Transfer messages through our intermediary, end-to-end encrypted by libsignal.
+
+    Args:
+        store: the wallet store (session records and processed-message markers).
+        bridge: the wallet's libsignal sidecar, already opened with the wallet's identity.
+        client: an intermediary client authenticated as this wallet's device.
+        account: this wallet's account.
+    """
+
+    name = "selfhosted"
+
+    def __init__(
+        self,
+        store: WalletStore,
+        bridge: LibsignalBridge,
+        client: IntermediaryClient,
+        account: Account,
+    ) -> None:
+        self._store = store
+        self._bridge = bridge
+        self._client = client
+        self._account = account
+        self._peer_locks: dict[str, asyncio.Lock] = {}
+        self._in_flight: dict[str, _Delivery] = {}
+        self._closed = asyncio.Event()
+
+    # -- sending --------------------------------------------------------------------------------
+
+    async def send(self, peer: str, payload: bytes, *, summary: str = "") -> None:
+        """Encrypt ``payload`` for every device of ``peer`` and store it at the intermediary."""
+        if self._closed.is_set():
+            raise ChannelClosed("the self-hosted channel is closed")
+        started = time.perf_counter()
+        async with self._lock(peer):
+            changes: list[RecordChange] = []
+            devices = {
+                device_id: registration_id
+                for device_id, registration_id in self._store.peer_devices(peer).items()
+                if self._store.has_record("session", f"{peer}.{device_id}")
+            }
+            if not devices:
+                devices = await self._start_sessions(peer, changes)
+            messages: list[OutgoingMessage] = []
+            try:
+                for device_id, registration_id in sorted(devices.items()):
+                    result = await self._bridge.encrypt(ProtocolAddress(peer, device_id), payload)
+                    changes.extend(result.changes)
+                    messages.append(
+                        OutgoingMessage(
+                            type=_ENVELOPE_PREKEY
+                            if result.message_type == _LIBSIGNAL_PREKEY
+                            else _ENVELOPE_CIPHERTEXT,
+                            destination_device_id=device_id,
+                            destination_registration_id=registration_id,
+                            content=result.ciphertext,
+                        )
+                    )
+                # The advanced sending chain is committed before the ciphertext leaves: a
+                # message key is never used twice, even if this process dies right here.
+                with self._store.transaction() as conn:
+                    self._store.apply_changes(conn, changes)
+                    for device_id, registration_id in devices.items():
+                        self._store.save_peer_device(conn, peer, device_id, registration_id)
+            except BaseException:
+                await self._forget(changes)
+                raise
+            try:
+                await self._client.send_messages(peer, messages)
+            except ServerApiError as exc:
+                raise ChannelError(f"the intermediary refused the message to {peer}: {exc}") from exc
+        log.info(
+            "sent %d bytes to %s on %d device(s) (%.1f ms)",
+            len(payload),
+            peer,
+            len(messages),
+            (time.perf_counter() - started) * 1000,
+        )
+
+    async def _start_sessions(self, peer: str, changes: list[RecordChange]) -> dict[int, int]:
+        bundle = await self._client.fetch_bundle(peer)
+        devices: dict[int, int] = {}
+        for device in bundle.devices:
+            address = ProtocolAddress(peer, device.device_id)
+            result = await self._bridge.process_prekey_bundle(address, device)
+            changes.extend(result.changes)
+            devices[device.device_id] = device.registration_id
+        log.info("started a session with %s (%d device(s))", peer, len(devices))
+        return devices
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    async def receive(self) -> AsyncIterator[IncomingMessage]:
+        """Yield decrypted transfer messages; reconnects with backoff until :meth:`close`."""
+        delay = _RECONNECT_FIRST_DELAY
+        while not self._closed.is_set():
+            try:
+                async with self._client.connect_websocket() as socket:
+                    delay = _RECONNECT_FIRST_DELAY
+                    # Catch up on what was stored while we were away before taking pushes.
+                    for envelope in await self._client.list_all_messages():
+                        incoming = await self._open(envelope, self._rest_ack(envelope.guid))
+                        if incoming is not None:
+                            yield incoming
+                    async for delivery in socket.deliveries(self._closed):
+                        incoming = await self._open(delivery.envelope, delivery.acknowledge)
+                        if incoming is not None:
+                            yield incoming
+            except (ServerApiError, ChannelError, OSError) as exc:
+                if self._closed.is_set():
+                    break
+                log.warning("intermediary connection lost (%s); retrying in %.1f s", exc, delay)
+                await _sleep_unless(self._closed, delay)
+                delay = min(delay * 2, _RECONNECT_MAX_DELAY)
+
+    def _rest_ack(self, guid: str) -> Callable[[], Awaitable[None]]:
+        async def acknowledge() -> None:
+            await self._client.acknowledge(guid)
+
+        return acknowledge
+
+    async def _open(
+        self, envelope: Envelope, ack: Callable[[], Awaitable[None]]
+    ) -> IncomingMessage | None:
+        """Decrypt one envelope; None when it was dropped (a copy, or undecryptable)."""
+        if envelope.guid in self._in_flight:
+            return None  # already handed out (pushed and listed over REST)
+        if self._store.envelope_seen(envelope.guid):
+            log.info("dropped envelope %s: already processed", envelope.guid)
+            await ack()
+            return None
+        if envelope.source_uuid is None:
+            log.warning("dropped envelope %s: no sender", envelope.guid)
+            await ack()
+            return None
+        peer = envelope.source_uuid
+        lock = self._lock(peer)
+        await lock.acquire()
+        handed_out = False
+        try:
+            message_type = (
+                _LIBSIGNAL_PREKEY if envelope.type == _ENVELOPE_PREKEY else _LIBSIGNAL_WHISPER
+            )
+            try:
+                result = await self._bridge.decrypt(
+                    ProtocolAddress(peer, envelope.source_device), message_type, envelope.content
+                )
+            except DuplicateMessage:
+                log.info("dropped envelope %s from %s: already decrypted", envelope.guid, peer)
+                await ack()
+                return None
+            except UntrustedIdentity:
+                # Left stored at the intermediary, to be processed once the key is trusted.
+                log.warning("kept envelope %s from %s: identity not trusted", envelope.guid, peer)
+                return None
+            except BridgeUnavailable:
+                raise
+            except SignalProtocolError as exc:
+                log.warning("dropped envelope %s from %s: %s", envelope.guid, peer, exc)
+                await ack()
+                return None
+            incoming = IncomingMessage(
+                peer=peer,
+                payload=result.plaintext,
+                envelope_id=envelope.guid,
+                record_changes=tuple(result.changes),
+                identity_changes=tuple(result.identity_changes),
+            )
+            self._in_flight[envelope.guid] = _Delivery(lock, ack)
+            handed_out = True
+            return incoming
+        finally:
+            if not handed_out:
+                lock.release()
+
+    async def acknowledge(self, incoming: IncomingMessage) -> None:
+        """Delete the message at the intermediary; its effect is committed."""
+        delivery = self._in_flight.pop(incoming.envelope_id, None)
+        if delivery is None:
+            return
+        delivery.lock.release()
+        try:
+            await delivery.ack()
+        except (TigressSignalError, OSError) as exc:
+            # The effect is committed and the envelope marked seen: a redelivery is dropped.
+            log.warning("could not acknowledge %s (%s); a copy will be dropped", incoming.envelope_id, exc)
+
+    async def release(self, incoming: IncomingMessage) -> None:
+        """Drop the sidecar's copies of what this message changed; it will be delivered again."""
+        delivery = self._in_flight.pop(incoming.envelope_id, None)
+        try:
+            await self._forget(incoming.record_changes)
+        finally:
+            if delivery is not None:
+                delivery.lock.release()
+
+    async def close(self) -> None:
+        """Stop receiving."""
+        self._closed.set()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _lock(self, peer: str) -> asyncio.Lock:
+        return self._peer_locks.setdefault(peer, asyncio.Lock())
+
+    async def _forget(self, changes: Sequence[RecordChange]) -> None:
+        if changes:
+            try:
+                await self._bridge.evict(changes)
+            except BridgeUnavailable:
+                pass  # a restarted sidecar has no cache to clean
+
+
+class _Delivery:
+    __slots__ = ("ack", "lock")
+
+    def __init__(self, lock: asyncio.Lock, ack: Callable[[], Awaitable[None]]) -> None:
+        self.lock = lock
+        self.ack = ack
+
+
+async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        pass
+

@@ -1,0 +1,330 @@
+"""``tigress-signal``: the command line.
+
+Every command a script needs to run a transfer across separate processes (``serve``,
+``wallet init``, ``share``, ``inbox``, ``accept``, ``decline``, ...), plus ``demo``, which runs
+both kinds of transfer end to end on this machine. Errors a user can cause end as one line on
+stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from tigress_signal import __version__
+from tigress_signal.credentials import (
+    ACCESS_TOKEN_MEDIA_TYPE,
+    AccessTokenIssuer,
+    DigitalKeyHolder,
+    ReferenceLock,
+    provisioning_from_file,
+)
+from tigress_signal.errors import ConfigError, TigressSignalError
+from tigress_signal.shares.service import DigitalKeyTerms, Share
+from tigress_signal.shares.states import ShareState
+from tigress_signal.wallet.wallet import Wallet
+
+log = logging.getLogger(__name__)
+
+#: Exit statuses: 1 for an operation that failed, 2 for a command line that makes no sense.
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO if args.log else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        status: int = asyncio.run(args.run(args))
+    except TigressSignalError as exc:
+        print(f"error: {exc.user_message()}", file=sys.stderr)
+        return EXIT_FAILED
+    except TimeoutError:
+        print("error: timed out waiting for the peer", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    return status
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tigress-signal",
+        description="Move digital credentials between wallets over the Signal protocol.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--log", action="store_true", help="log each step (INFO) to stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="run both transfers end to end on this machine")
+    demo.set_defaults(run=_demo)
+
+    serve = commands.add_parser("serve", help="run the self-hosted intermediary")
+    serve.add_argument("--config", type=Path, help="intermediary TOML configuration file")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on")
+    serve.add_argument("--database", help="database URL, e.g. sqlite:///var/intermediary.db")
+    serve.set_defaults(run=_serve)
+
+    wallet = commands.add_parser("wallet", help="create or show a wallet").add_subparsers(
+        title="wallet commands", metavar="COMMAND", required=True
+    )
+    init = wallet.add_parser("init", help="create a wallet folder and register it")
+    init.add_argument("folder", type=Path)
+    init.add_argument("--server", required=True, help="the intermediary's URL")
+    init.add_argument("--trust", choices=["tofu", "always", "verify"], default="tofu")
+    init.set_defaults(run=_wallet_init)
+    show = wallet.add_parser("show", help="print a wallet's account id")
+    show.add_argument("folder", type=Path)
+    show.set_defaults(run=_wallet_show)
+
+    share = commands.add_parser("share", help="offer a credential to another wallet")
+    share.add_argument("--wallet", type=Path, required=True)
+    share.add_argument("--to", required=True, metavar="ACCOUNT_ID", help="the receiver")
+    kind = share.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--file", type=Path, help="offer this credential file, byte for byte")
+    kind.add_argument("--access-token", metavar="SCOPE", help="issue and offer an access token")
+    kind.add_argument("--digital-key", metavar="LOCK_ID", help="offer a digital key to a lock")
+    share.add_argument("--media-type", help="media type of --file (guessed if absent)")
+    share.add_argument("--title", required=True)
+    share.add_argument("--description", default="")
+    share.add_argument("--valid-days", type=float, default=7.0, help="digital key validity")
+    share.add_argument("--expires-in", type=float, default=48.0, help="offer lifetime, hours")
+    share.add_argument(
+        "--wait", type=float, default=0.0, help="seconds to wait for the share to complete"
+    )
+    share.set_defaults(run=_share)
+
+    sync = commands.add_parser("sync", help="process arrived messages, then exit")
+    sync.add_argument("--wallet", type=Path, required=True)
+    sync.add_argument("--idle", type=float, default=1.5, help="exit after this quiet time")
+    sync.set_defaults(run=_sync)
+
+    inbox = commands.add_parser("inbox", help="process arrived messages and list shares")
+    inbox.add_argument("--wallet", type=Path, required=True)
+    inbox.add_argument("--idle", type=float, default=1.5, help="wait this long for messages")
+    inbox.set_defaults(run=_inbox)
+
+    for name, helptext in (("accept", "accept an offer"), ("decline", "decline an offer")):
+        answer = commands.add_parser(name, help=helptext)
+        answer.add_argument("--wallet", type=Path, required=True)
+        answer.add_argument("share_id")
+        answer.add_argument(
+            "--wait", type=float, default=30.0, help="seconds to wait for the share to complete"
+        )
+        answer.set_defaults(run=_accept if name == "accept" else _decline)
+
+    cancel = commands.add_parser("cancel", help="withdraw from a share")
+    cancel.add_argument("--wallet", type=Path, required=True)
+    cancel.add_argument("share_id")
+    cancel.set_defaults(run=_cancel)
+
+    export = commands.add_parser("export", help="write a received credential to a file")
+    export.add_argument("--wallet", type=Path, required=True)
+    export.add_argument("share_id")
+    export.add_argument("--out", type=Path, required=True)
+    export.set_defaults(run=_export)
+
+    lock = commands.add_parser("lock", help="the reference lock").add_subparsers(
+        title="lock commands", metavar="COMMAND", required=True
+    )
+    owner = lock.add_parser("owner-key", help="print the owner's public key for a lock")
+    owner.add_argument("--wallet", type=Path, required=True)
+    owner.add_argument("lock_id")
+    owner.set_defaults(run=_lock_owner_key)
+    attempt = lock.add_parser("try", help="open the reference lock with a received key")
+    attempt.add_argument("--wallet", type=Path, required=True)
+    attempt.add_argument("share_id")
+    attempt.add_argument("--owner-key", required=True, help="owner public key (hex, from owner-key)")
+    attempt.set_defaults(run=_lock_try)
+    return parser
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from tigress_signal.intermediary.config import load_intermediary_config
+    from tigress_signal.intermediary.server import serve
+
+    overrides = {"host": args.host, "port": args.port, "database_url": args.database}
+    config = load_intermediary_config(args.config, {k: v for k, v in overrides.items() if v})
+    await serve(config)
+    return 0
+
+
+async def _wallet_init(args: argparse.Namespace) -> int:
+    wallet = await Wallet.create(args.folder, args.server, trust_policy=args.trust)
+    async with wallet:
+        print(wallet.account_id)
+    return 0
+
+
+async def _wallet_show(args: argparse.Namespace) -> int:
+    async with await Wallet.open(args.folder) as wallet:
+        print(f"account   {wallet.account_id}")
+        print(f"device    {wallet.account.device_id}")
+        print(f"channel   {wallet.config.channel}")
+        print(f"server    {wallet.config.server_url()}")
+    return 0
+
+
+async def _share(args: argparse.Namespace) -> int:
+    lifetime = timedelta(hours=args.expires_in)
+    async with _running(args.wallet) as wallet:
+        if args.file is not None:
+            provisioning = provisioning_from_file(args.file, media_type=args.media_type)
+            share = await wallet.shares.offer_provisioning(
+                args.to, provisioning, title=args.title, description=args.description,
+                lifetime=lifetime,
+            )
+        elif args.access_token is not None:
+            issuer = wallet.shares.access_token_issuer()
+            token = issuer.issue(subject=args.to, scope=args.access_token, lifetime=lifetime)
+            share = await wallet.shares.offer_provisioning(
+                args.to, token, title=args.title, description=args.description, lifetime=lifetime
+            )
+        else:
+            now = datetime.now(UTC)
+            terms = DigitalKeyTerms(
+                lock_id=args.digital_key,
+                rights=("unlock",),
+                not_before=now,
+                not_after=now + timedelta(days=args.valid_days),
+            )
+            share = await wallet.shares.offer_digital_key(
+                args.to, terms, title=args.title, description=args.description, lifetime=lifetime
+            )
+        print(share.share_id)
+        if args.wait > 0:
+            share = await wallet.shares.wait_for(share.share_id, _FINAL_STATES, args.wait)
+            print(share.state.value)
+    return 0
+
+
+async def _sync(args: argparse.Namespace) -> int:
+    async with _running(args.wallet, idle=args.idle):
+        pass
+    return 0
+
+
+async def _inbox(args: argparse.Namespace) -> int:
+    async with _running(args.wallet, idle=args.idle) as wallet:
+        shares = wallet.shares.shares()
+        if not shares:
+            print("no shares")
+        for share in shares:
+            print(_share_line(share))
+        for credential in wallet.shares.credentials():
+            size = len(credential.content)
+            print(f"credential {credential.share_id} {credential.media_type} {size} bytes")
+    return 0
+
+
+async def _accept(args: argparse.Namespace) -> int:
+    async with _running(args.wallet, idle=0.5) as wallet:
+        share = await wallet.shares.accept(args.share_id)
+        if share.state is ShareState.KEY_REQUESTED and args.wait > 0:
+            share = await wallet.shares.wait_for(share.share_id, _FINAL_STATES, args.wait)
+        print(share.state.value)
+    return 0 if share.state is not ShareState.KEY_REQUESTED else EXIT_FAILED
+
+
+async def _decline(args: argparse.Namespace) -> int:
+    async with _running(args.wallet, idle=0.5) as wallet:
+        share = await wallet.shares.decline(args.share_id)
+        print(share.state.value)
+    return 0
+
+
+async def _cancel(args: argparse.Namespace) -> int:
+    async with _running(args.wallet, idle=0.5) as wallet:
+        share = await wallet.shares.cancel(args.share_id)
+        print(share.state.value)
+    return 0
+
+
+async def _export(args: argparse.Namespace) -> int:
+    async with await Wallet.open(args.wallet) as wallet:
+        credential = wallet.shares.credential(args.share_id)
+        args.out.write_bytes(credential.content)
+        print(f"{credential.media_type} {len(credential.content)} bytes -> {args.out}")
+    return 0
+
+
+async def _lock_owner_key(args: argparse.Namespace) -> int:
+    async with await Wallet.open(args.wallet) as wallet:
+        print(wallet.shares.owner_key(args.lock_id).public_key_bytes().hex())
+    return 0
+
+
+async def _lock_try(args: argparse.Namespace) -> int:
+    async with await Wallet.open(args.wallet) as wallet:
+        key = wallet.shares.digital_key(args.share_id)
+        try:
+            owner_key = bytes.fromhex(args.owner_key)
+        except ValueError:
+            raise ConfigError("--owner-key must be the hex text 'lock owner-key' printed") from None
+        lock = ReferenceLock.from_owner_public_key_bytes(key.endorsement.lock_id, owner_key)
+        challenge = lock.challenge()
+        lock.unlock(key.endorsement, key.holder.respond(challenge, key.endorsement.lock_id))
+        print(f"lock {key.endorsement.lock_id}: unlocked")
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def _running(folder: Path, *, idle: float = 0.0) -> AsyncIterator[Wallet]:
+    """Open a wallet with its receive loop running; on exit, first let it go quiet for ``idle``."""
+    wallet = await Wallet.open(folder)
+    try:
+        loop_task = asyncio.create_task(wallet.shares.run(), name="receive loop")
+        try:
+            await wallet.shares.wait_idle(idle)
+            yield wallet
+            await wallet.shares.wait_idle(idle)
+        finally:
+            await wallet.channel.close()
+            loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop_task
+    finally:
+        await wallet.aclose()
+
+
+_FINAL_STATES = (ShareState.ACCEPTED, ShareState.DECLINED, ShareState.CANCELLED, ShareState.EXPIRED)
+
+
+def _share_line(share: Share) -> str:
+    return (
+        f"{share.share_id} {share.role:<8} {share.flow:<9} {share.state.value:<13}"
+        f" {share.credential_format} \"{share.title}\" peer={share.peer}"
+    )
+
+
+# -- demo -------------------------------------------------------------------------------------
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from tigress_signal.demo import run_demo
+
+    return await run_demo()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
