@@ -96,7 +96,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     """
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise ApiError(400, "bad_request", "Content-Length is not a number")
         if int(declared) > limit:
             raise _body_too_large(limit)

@@ -144,7 +144,7 @@ class Authenticator:
         # No dummy hash for unknown accounts: account ids are random and are handed to
         # peers anyway, so hiding whether one exists would protect nothing.
         if not isinstance(stored, str):
-            raise _unauthorized("unknown account or device")
+            raise _unauthorized("wrong account, device or password")
         token = self._cache_token(stored, password)
         if token in self._cache:
             self._cache.move_to_end(token)
@@ -152,7 +152,7 @@ class Authenticator:
         async with self._kdf_slots:
             valid = await asyncio.to_thread(verify_password, password, stored)
         if not valid:
-            raise _unauthorized("wrong password")
+            raise _unauthorized("wrong account, device or password")
         self._remember_token(token)
         return device
 
@@ -195,7 +195,7 @@ def _parse_basic(authorization: str | None) -> tuple[DeviceAddress, str]:
     account, dot, device_text = user.partition(".")
     device_id = 1
     if dot:
-        if not device_text.isdigit() or len(device_text) > 3:
+        if not (device_text.isascii() and device_text.isdigit()) or len(device_text) > 3:
             raise _unauthorized("the device id in the user name is not a number")
         device_id = int(device_text)
     if not 1 <= device_id <= MAX_DEVICE_ID:
