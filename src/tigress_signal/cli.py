@@ -20,9 +20,6 @@ from pathlib import Path
 
 from tigress_signal import __version__
 from tigress_signal.credentials import (
-    ACCESS_TOKEN_MEDIA_TYPE,
-    AccessTokenIssuer,
-    DigitalKeyHolder,
     ReferenceLock,
     provisioning_from_file,
 )
@@ -195,10 +192,12 @@ async def _share(args: argparse.Namespace) -> int:
                 lifetime=lifetime,
             )
         elif args.access_token is not None:
-            issuer = wallet.shares.access_token_issuer()
-            token = issuer.issue(subject=args.to, scope=args.access_token, lifetime=lifetime)
-            share = await wallet.shares.offer_provisioning(
-                args.to, token, title=args.title, description=args.description, lifetime=lifetime
+            share = await wallet.shares.offer_access_token(
+                args.to,
+                [args.access_token],
+                title=args.title,
+                description=args.description,
+                lifetime=lifetime,
             )
         else:
             now = datetime.now(UTC)
@@ -270,7 +269,7 @@ async def _export(args: argparse.Namespace) -> int:
 
 async def _lock_owner_key(args: argparse.Namespace) -> int:
     async with await Wallet.open(args.wallet) as wallet:
-        print(wallet.shares.owner_key(args.lock_id).public_key_bytes().hex())
+        print(wallet.shares.owner_key(args.lock_id).public_key_der.hex())
     return 0
 
 
@@ -281,7 +280,7 @@ async def _lock_try(args: argparse.Namespace) -> int:
             owner_key = bytes.fromhex(args.owner_key)
         except ValueError:
             raise ConfigError("--owner-key must be the hex text 'lock owner-key' printed") from None
-        lock = ReferenceLock.from_owner_public_key_bytes(key.endorsement.lock_id, owner_key)
+        lock = ReferenceLock(key.endorsement.lock_id, owner_key)
         challenge = lock.challenge()
         lock.unlock(key.endorsement, key.holder.respond(challenge, key.endorsement.lock_id))
         print(f"lock {key.endorsement.lock_id}: unlocked")

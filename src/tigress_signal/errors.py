@@ -26,7 +26,8 @@ so a caller only ever needs to catch :class:`TigressSignalError` or one of its b
     │   ├── PayloadTooLarge              413: a message is over the size limit
     │   └── RateLimited                  429: slow down (has .retry_after)
     ├── ChannelError                     a CredentialChannel could not send or receive
-    │   └── ChannelClosed                the channel was closed
+    │   ├── ChannelClosed                the channel was closed
+    │   └── UnknownPeer                  no such recipient on this channel
     ├── ShareError                       the share state machine (shares/)
     │   ├── UnknownShare                 no share with that id in this wallet
     │   ├── InvalidTransition            message does not fit the share's state
@@ -232,6 +233,12 @@ class ChannelError(TigressSignalError):
 
 class ChannelClosed(ChannelError):
     """The channel was closed."""
+
+
+class UnknownPeer(ChannelError):
+    """The recipient does not exist on this channel (e.g. no such account)."""
+
+    hint = "check the receiver's account id"
 
 
 # -- shares ----------------------------------------------------------------------------------

@@ -31,9 +31,11 @@ from tigress_signal.errors import (
     ChannelClosed,
     ChannelError,
     DuplicateMessage,
+    NotFound,
     ServerApiError,
     SignalProtocolError,
     TigressSignalError,
+    UnknownPeer,
     UntrustedIdentity,
 )
 from tigress_signal.intermediary.client import Envelope, IntermediaryClient, OutgoingMessage
@@ -120,6 +122,8 @@ class SelfHostedChannel(CredentialChannel):
                 raise
             try:
                 await self._client.send_messages(peer, messages)
+            except NotFound as exc:
+                raise UnknownPeer(f"the intermediary has no account {peer}") from exc
             except ServerApiError as exc:
                 raise ChannelError(f"the intermediary refused the message to {peer}: {exc}") from exc
         log.info(
@@ -131,7 +135,12 @@ class SelfHostedChannel(CredentialChannel):
         )
 
     async def _start_sessions(self, peer: str, changes: list[RecordChange]) -> dict[int, int]:
-        bundle = await self._client.fetch_bundle(peer)
+        try:
+            bundle = await self._client.fetch_bundle(peer)
+        except NotFound as exc:
+            raise UnknownPeer(f"the intermediary has no account {peer}") from exc
+        except ServerApiError as exc:
+            raise ChannelError(f"cannot fetch the prekey bundle of {peer}: {exc}") from exc
         devices: dict[int, int] = {}
         for device in bundle.devices:
             address = ProtocolAddress(peer, device.device_id)
@@ -182,7 +191,7 @@ class SelfHostedChannel(CredentialChannel):
             log.info("dropped envelope %s: already processed", envelope.guid)
             await ack()
             return None
-        if envelope.source_uuid is None:
+        if not envelope.source_uuid:
             log.warning("dropped envelope %s: no sender", envelope.guid)
             await ack()
             return None

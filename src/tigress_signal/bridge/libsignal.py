@@ -367,6 +367,7 @@ class LibsignalBridge:
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._abandoned: set[int] = set()
+        self._unanswered: set[int] = set()
         self._ids = itertools.count(1)
         self._start_lock = asyncio.Lock()
         self._peer_locks: dict[str, _PeerLock] = {}
@@ -727,7 +728,9 @@ class LibsignalBridge:
                 limit=_LINE_LIMIT,
             )
         except OSError as exc:
-            raise BridgeUnavailable(f"could not start the libsignal sidecar: {exc}") from exc
+            raise BridgeUnavailable(
+                f"could not start the libsignal sidecar with {node}: {exc}; {_SETUP_HINT}"
+            ) from exc
         self._process = process
         self._alive = True
         self._starts += 1
@@ -790,6 +793,7 @@ class LibsignalBridge:
     def _fail_pending(self, error: BridgeUnavailable) -> None:
         pending, self._pending = self._pending, {}
         self._abandoned.clear()
+        self._unanswered.clear()
         for future in pending.values():
             if not future.done():
                 future.set_exception(error)
@@ -830,6 +834,9 @@ class LibsignalBridge:
         if message.get("method") == "load":
             self._answer_load(process, message_id, message.get("params") or {})
             return
+        if message_id in self._unanswered:
+            self._unanswered.discard(message_id)
+            return
         future = self._pending.get(message_id)
         if message_id in self._abandoned:
             self._abandoned.discard(message_id)
@@ -868,7 +875,9 @@ class LibsignalBridge:
         if not changes or process.stdin is None or process.stdin.is_closing():
             return
         records = [{"kind": c["kind"], "key": c["key"]} for c in changes]
-        request = {"id": next(self._ids), "method": "evict", "params": {"records": records}}
+        request_id = next(self._ids)
+        self._unanswered.add(request_id)
+        request = {"id": request_id, "method": "evict", "params": {"records": records}}
         process.stdin.write(json.dumps(request, separators=(",", ":")).encode() + b"\n")
         logger.info("evicted %d records of a cancelled call from the sidecar", len(records))
 
@@ -891,7 +900,7 @@ def locate_sidecar(explicit: str | os.PathLike[str] | None = None) -> Path:
     """
     configured = explicit or os.environ.get(SIDECAR_ENV)
     if configured:
-        script = Path(configured)
+        script = Path(configured).expanduser().resolve()
     else:
         # src/tigress_signal/bridge/libsignal.py -> the repository root is three levels up.
         script = Path(__file__).resolve().parents[3] / "bridge" / "sidecar.mjs"

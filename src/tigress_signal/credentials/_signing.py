@@ -152,8 +152,6 @@ def load_private_key_pem(pem: bytes, password: bytes | None = None) -> ec.Ellipt
         raise ValueError(
             "not a readable PEM private key (damaged, or the password is wrong or missing)"
         ) from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(
-        key.curve, ec.SECP256R1
-    ):
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
         raise ValueError("private key is not a P-256 key")
     return key

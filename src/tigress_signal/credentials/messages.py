@@ -90,6 +90,20 @@ Base64Bytes = Annotated[
     PlainSerializer(_bytes_to_base64, return_type=str, when_used="json"),
 ]
 
+
+def byte_length(minimum: int, maximum: int) -> AfterValidator:
+    """A validator bounding a bytes field's length, its message counting bytes."""
+
+    def check(value: bytes) -> bytes:
+        if len(value) < minimum:
+            raise ValueError(f"is {len(value)} bytes, fewer than the minimum of {minimum}")
+        if len(value) > maximum:
+            raise ValueError(f"is {len(value)} bytes, more than the maximum of {maximum}")
+        return value
+
+    return AfterValidator(check)
+
+
 _RESTRICTED_NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
 _MEDIA_TYPE_RE = re.compile(rf"{_RESTRICTED_NAME}/{_RESTRICTED_NAME}")
 _LOCK_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
@@ -128,7 +142,13 @@ def _check_right(value: str) -> str:
     return value
 
 
-def _check_display_text(value: str, *, multiline: bool) -> str:
+def check_display_text(value: str, *, multiline: bool = False) -> str:
+    """Check text shown to a person: no control characters (bar newline and tab when
+    ``multiline``) and no bidirectional formatting characters that could disguise it.
+
+    Raises:
+        ValueError: it holds such a character; the message names it.
+    """
     for char in value:
         if multiline and char in "\n\t":
             continue
@@ -142,15 +162,15 @@ def _check_display_text(value: str, *, multiline: bool) -> str:
 def _check_title(value: str) -> str:
     if not value.strip():
         raise ValueError("is blank")
-    return _check_display_text(value, multiline=False)
+    return check_display_text(value, multiline=False)
 
 
 def _check_description(value: str) -> str:
-    return _check_display_text(value, multiline=True)
+    return check_display_text(value, multiline=True)
 
 
 def _check_reason(value: str) -> str:
-    return _check_display_text(value, multiline=False)
+    return check_display_text(value, multiline=False)
 
 
 def _check_filename(value: str) -> str:
@@ -159,7 +179,7 @@ def _check_filename(value: str) -> str:
         raise ValueError("is not a file name")
     if "/" in value or "\\" in value:
         raise ValueError("contains a path separator; give a bare file name")
-    return _check_display_text(value, multiline=False)
+    return check_display_text(value, multiline=False)
 
 
 def _check_p256_public_key(value: bytes) -> bytes:
@@ -171,6 +191,8 @@ def _check_p256_public_key(value: bytes) -> bytes:
     return value
 
 
+#: A DER-encoded ECDSA P-256 signature (at most 72 bytes).
+EcdsaSignature = Annotated[Base64Bytes, byte_length(8, 72)]
 MediaType = Annotated[str, AfterValidator(check_media_type)]
 LockId = Annotated[str, AfterValidator(check_lock_id)]
 Right = Annotated[str, AfterValidator(_check_right)]
@@ -191,9 +213,7 @@ FileName = Annotated[
 class WireModel(BaseModel):
     """Base of every model that travels: strict, closed, immutable, no inputs in errors."""
 
-    model_config = ConfigDict(
-        extra="forbid", strict=True, frozen=True, hide_input_in_errors=True
-    )
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, hide_input_in_errors=True)
 
 
 # -- the messages ----------------------------------------------------------------------------
@@ -209,7 +229,7 @@ class ProvisioningInformation(WireModel):
     """
 
     media_type: MediaType
-    content: Annotated[Base64Bytes, Field(min_length=1, max_length=MAX_PROVISIONING_CONTENT_BYTES)]
+    content: Annotated[Base64Bytes, byte_length(1, MAX_PROVISIONING_CONTENT_BYTES)]
     filename: FileName | None = None
 
 
@@ -265,8 +285,8 @@ class KeySigningRequest(WireModel):
     type: Literal["key_signing_request"] = "key_signing_request"
     share_id: UUID
     public_key: P256PublicKey
-    attestation: Annotated[Base64Bytes, Field(min_length=1, max_length=MAX_ATTESTATION_BYTES)]
-    nonce: Annotated[Base64Bytes, Field(min_length=16, max_length=64)]
+    attestation: Annotated[Base64Bytes, byte_length(1, MAX_ATTESTATION_BYTES)]
+    nonce: Annotated[Base64Bytes, byte_length(16, 64)]
 
 
 class Endorsement(WireModel):
@@ -295,7 +315,7 @@ class Endorsement(WireModel):
     not_before: AwareDatetime
     not_after: AwareDatetime
     serial: Annotated[int, Field(ge=1, lt=2**63)]
-    signature: Annotated[Base64Bytes, Field(min_length=8, max_length=72)]
+    signature: EcdsaSignature
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

@@ -21,8 +21,8 @@ from tigress_signal.intermediary.entities import MAX_DEVICE_ID, WireModel
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
-_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-_DEVICE_ID = re.compile(r"^[0-9]{1,3}$")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_DEVICE_ID = re.compile(r"[0-9]{1,3}")
 
 
 class ApiError(Exception):
@@ -145,7 +145,7 @@ def parse_uuid(text: str, what: str = "account id") -> str:
     Raises:
         ApiError: 422 when ``text`` is not a UUID in its usual 8-4-4-4-12 form.
     """
-    if not _UUID.match(text):
+    if not _UUID.fullmatch(text):
         raise ApiError(422, "invalid_request", f"the {what} is not a UUID")
     return text.lower()
 
@@ -156,7 +156,7 @@ def parse_device_id(text: str) -> int:
     Raises:
         ApiError: 422 for anything else.
     """
-    if not _DEVICE_ID.match(text) or not 1 <= int(text) <= MAX_DEVICE_ID:
+    if not _DEVICE_ID.fullmatch(text) or not 1 <= int(text) <= MAX_DEVICE_ID:
         raise ApiError(422, "invalid_request", f"the device id must be 1..{MAX_DEVICE_ID}")
     return int(text)
 

@@ -59,7 +59,7 @@ def new_password() -> str:
 def hash_password(password: str) -> str:
     """The salted scrypt hash of a password, in the form the database stores."""
     salt = os.urandom(_SALT_BYTES)
-    digest = _scrypt(password, salt, _SCRYPT_LOG2_N, _SCRYPT_R, _SCRYPT_P)
+    digest = _scrypt(password, salt, log2_n=_SCRYPT_LOG2_N, r=_SCRYPT_R, p=_SCRYPT_P)
     return "$".join(
         (
             "scrypt",
@@ -83,7 +83,9 @@ def verify_password(password: str, stored: str) -> bool:
             return False
         salt = base64.b64decode(salt_b64, validate=True)
         expected = base64.b64decode(digest_b64, validate=True)
-        actual = _scrypt(password, salt, int(log2_n), int(r), int(p), len(expected))
+        actual = _scrypt(
+            password, salt, log2_n=int(log2_n), r=int(r), p=int(p), size=len(expected)
+        )
     except (ValueError, binascii.Error):
         logger.warning("a stored password hash is not in a known format")
         return False
@@ -91,7 +93,7 @@ def verify_password(password: str, stored: str) -> bool:
 
 
 def _scrypt(
-    password: str, salt: bytes, log2_n: int, r: int, p: int, size: int = _HASH_BYTES
+    password: str, salt: bytes, *, log2_n: int, r: int, p: int, size: int = _HASH_BYTES
 ) -> bytes:
     if not (1 <= log2_n <= 20 and 1 <= r <= 32 and 1 <= p <= 16 and 16 <= size <= 64):
         raise ValueError("scrypt parameters out of range")
@@ -115,7 +117,9 @@ class Authenticator:
         kdf_concurrency: how many scrypt computations may run at once.
     """
 
-    def __init__(self, db: Database, *, cache_size: int = 10_000, kdf_concurrency: int = 2) -> None:
+    def __init__(
+        self, db: Database, *, cache_size: int = 10_000, kdf_concurrency: int = 2
+    ) -> None:
         self._db = db
         self._cache_size = cache_size
         self._cache: OrderedDict[bytes, None] = OrderedDict()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import (
     AfterValidator,
@@ -95,6 +95,15 @@ KeyId = Annotated[int, Field(ge=0, le=MAX_KEY_ID)]
 DeviceId = Annotated[int, Field(ge=1, le=MAX_DEVICE_ID)]
 RegistrationId = Annotated[int, Field(ge=1, le=MAX_REGISTRATION_ID)]
 Timestamp = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+
+def _envelope_type(value: int) -> int:
+    if value not in (ENVELOPE_CIPHERTEXT, ENVELOPE_PREKEY):
+        raise ValueError("must be 1 (a Whisper message) or 3 (a PreKey message)")
+    return value
+
+
+EnvelopeType = Annotated[int, AfterValidator(_envelope_type)]
 
 
 class WireModel(BaseModel):
@@ -213,7 +222,7 @@ class WhoAmI(WireModel):
 class OutgoingMessage(WireModel):
     """One ciphertext for one device of the recipient."""
 
-    type: Literal[1, 3]
+    type: EnvelopeType
     destination_device_id: DeviceId
     destination_registration_id: RegistrationId
     content: Base64Bytes
@@ -240,8 +249,8 @@ class Envelope(WireModel):
     guid: str
     type: int
     timestamp: int
-    source_uuid: str | None = None
-    source_device: int | None = None
+    source_uuid: str
+    source_device: int
     destination_uuid: str
     content: Base64Bytes
     server_timestamp: int

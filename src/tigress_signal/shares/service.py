@@ -25,7 +25,7 @@ import secrets
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from datetime import UTC, datetime, timedelta
@@ -33,6 +33,7 @@ from datetime import UTC, datetime, timedelta
 from tigress_signal.channel import CredentialChannel, IncomingMessage
 from tigress_signal.credentials import (
     DIGITAL_KEY_MEDIA_TYPE,
+    ACCESS_TOKEN_MEDIA_TYPE,
     AccessTokenIssuer,
     Accepted,
     Cancelled,
@@ -49,7 +50,9 @@ from tigress_signal.credentials import (
     decode_transfer,
     encode_transfer,
 )
+from tigress_signal.faults import crash_point
 from tigress_signal.errors import (
+    UnknownPeer,
     CredentialError,
     InvalidTransition,
     ShareError,
@@ -64,6 +67,8 @@ log = logging.getLogger(__name__)
 
 #: How long an offer stays open unless the sender says otherwise.
 DEFAULT_SHARE_LIFETIME = timedelta(days=2)
+#: The issuer name on access tokens a wallet issues unless told otherwise.
+DEFAULT_ISSUER = "tigress-signal sample venue"
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,9 +271,9 @@ class ShareService:
                     private,
                 ),
             )
-            self._queue_reply(conn, peer, offer, f"Credential offer: {offer.title}")
+            message_id = self._queue_reply(conn, peer, offer, f"Credential offer: {offer.title}")
+        await self.flush_replies(must_send=message_id)
         self._log_step(share_id, "offer", peer, started)
-        await self.flush_replies()
         return self.share(share_id)
 
     # -- user answers (receiver side) and cancel ------------------------------------------------
@@ -358,54 +363,59 @@ class ShareService:
         stored, since the message was consumed.
         """
         started = time.perf_counter()
-        step = "unknown"
-        share_id = "-"
+        envelope: TransferEnvelope | None = None
+        try:
+            envelope = decode_transfer(incoming.payload)
+        except CredentialError as exc:
+            log.warning("refused a message from %s: %s", incoming.peer, exc)
+        step = envelope.body.type if envelope is not None else ""
+        share_id = str(envelope.body.share_id) if envelope is not None else "-"
         self._busy = True
         try:
+            crash_point("receive:decrypted", step)
             with self._store.transaction() as conn:
                 self._store.apply_changes(conn, incoming.record_changes)
                 self._store.mark_envelope_seen(conn, incoming.envelope_id)
-                try:
-                    envelope = decode_transfer(incoming.payload)
-                except CredentialError as exc:
-                    log.warning("refused a message from %s: %s", incoming.peer, exc)
-                else:
-                    step = envelope.body.type
-                    share_id = str(envelope.body.share_id)
-                    message_id = str(envelope.message_id)
-                    if self._store.message_seen(conn, message_id):
-                        log.info("dropped a copy of message %s (share %s)", message_id, share_id)
-                    else:
-                        self._store.mark_message_seen(conn, message_id)
-                        # A refused message must not undo the records and markers above, so its
-                        # effect runs inside a savepoint of its own.
-                        conn.execute("SAVEPOINT effect")
-                        try:
-                            self._apply_message(conn, incoming.peer, envelope.body)
-                        except (ShareError, CredentialError) as exc:
-                            conn.execute("ROLLBACK TO effect")
-                            if isinstance(exc, ShareExpired):
-                                self._set_state(conn, share_id, ShareState.EXPIRED)
-                            log.warning(
-                                "refused %s for share %s from %s: %s",
-                                step,
-                                share_id,
-                                incoming.peer,
-                                exc,
-                            )
-                            step = ""
-                        conn.execute("RELEASE effect")
+                if envelope is not None and not self._apply_once(conn, incoming.peer, envelope):
+                    step = ""
         except BaseException:
             await self._channel.release(incoming)
             raise
         finally:
             self._busy = False
             self._last_activity = time.monotonic()
+        crash_point("receive:committed", step)
         await self._channel.acknowledge(incoming)
+        crash_point("receive:acknowledged", step)
         if step:
             self._log_step(share_id, f"received {step}", incoming.peer, started)
         await self._notify()
         await self.flush_replies()
+
+    def _apply_once(self, conn: sqlite3.Connection, peer: str, envelope: TransferEnvelope) -> bool:
+        """Apply a message's effect unless its id was seen; False when it was dropped or refused."""
+        message_id = str(envelope.message_id)
+        share_id = str(envelope.body.share_id)
+        if self._store.message_seen(conn, message_id):
+            log.info("dropped a copy of message %s (share %s)", message_id, share_id)
+            return False
+        self._store.mark_message_seen(conn, message_id)
+        # A refused message must not undo the records and markers already written in this
+        # transaction, so its effect runs inside a savepoint of its own.
+        conn.execute("SAVEPOINT effect")
+        try:
+            self._apply_message(conn, peer, envelope.body)
+        except (ShareError, CredentialError) as exc:
+            conn.execute("ROLLBACK TO effect")
+            if isinstance(exc, ShareExpired):
+                self._set_state(conn, share_id, ShareState.EXPIRED)
+            log.warning(
+                "refused %s for share %s from %s: %s", envelope.body.type, share_id, peer, exc
+            )
+            return False
+        finally:
+            conn.execute("RELEASE effect")
+        return True
 
     def _apply_message(self, conn: sqlite3.Connection, peer: str, message: TransferMessage) -> None:
         if isinstance(message, Offer):
@@ -480,30 +490,62 @@ class ShareService:
 
     # -- replies ----------------------------------------------------------------------------------
 
-    async def flush_replies(self) -> None:
+    async def flush_replies(self, *, must_send: str | None = None) -> None:
         """Send every queued reply, oldest first; each is deleted once the channel took it.
 
-        A reply that cannot be sent now stays queued for the next flush.
+        A reply that cannot be sent now stays queued for the next flush, except one to a peer
+        the channel does not know: that one is dropped and its share cancelled.
+
+        Args:
+            must_send: a queued message id whose failure is raised to the caller (the others'
+                failures are only logged).
+
+        Raises:
+            TigressSignalError: sending ``must_send`` failed (UnknownPeer, ChannelError,
+                UntrustedIdentity, ...).
         """
+        failure: TigressSignalError | None = None
         async with self._flush_lock:
             rows = self._store.connection.execute(
                 "SELECT message_id, peer, payload, summary FROM pending_replies"
                 " ORDER BY created_at, message_id"
             ).fetchall()
             for message_id, peer, payload, summary in rows:
-                await self._channel.send(peer, bytes(payload), summary=summary)
-                with self._store.transaction() as conn:
-                    conn.execute("DELETE FROM pending_replies WHERE message_id = ?", (message_id,))
+                try:
+                    await self._channel.send(peer, bytes(payload), summary=summary)
+                except UnknownPeer as exc:
+                    self._drop_reply(message_id, bytes(payload), cancel_share=True)
+                    log.warning("dropped message %s: %s", message_id, exc)
+                    failure = exc if message_id == must_send else failure
+                    continue
+                except TigressSignalError as exc:
+                    log.warning("message %s to %s stays queued: %s", message_id, peer, exc)
+                    failure = exc if message_id == must_send else failure
+                    continue
+                self._drop_reply(message_id, bytes(payload), cancel_share=False)
+        if failure is not None:
+            raise failure
+
+    def _drop_reply(self, message_id: str, payload: bytes, *, cancel_share: bool) -> None:
+        with self._store.transaction() as conn:
+            conn.execute("DELETE FROM pending_replies WHERE message_id = ?", (message_id,))
+            if cancel_share:
+                share_id = str(decode_transfer(payload).body.share_id)
+                conn.execute(
+                    "UPDATE shares SET state = ?, updated_at = ? WHERE share_id = ?",
+                    (ShareState.CANCELLED.value, utc_now_text(), share_id),
+                )
 
     def _queue_reply(
         self, conn: sqlite3.Connection, peer: str, message: TransferMessage, summary: str
-    ) -> None:
+    ) -> str:
         envelope = self._envelope(message)
         conn.execute(
             "INSERT INTO pending_replies (message_id, peer, payload, summary, created_at)"
             " VALUES (?, ?, ?, ?, ?)",
             (str(envelope.message_id), peer, encode_transfer(envelope), summary, utc_now_text()),
         )
+        return str(envelope.message_id)
 
     def _envelope(self, message: TransferMessage) -> TransferEnvelope:
         return TransferEnvelope(message_id=uuid.uuid4(), sent_at=self._clock(), body=message)
@@ -557,10 +599,46 @@ class ShareService:
         pem = self._signing_key(f"lock:{lock_id}", KeyOwner.generate, conn)
         return KeyOwner.from_private_key_pem(pem)
 
-    def access_token_issuer(self) -> AccessTokenIssuer:
-        """This wallet's access-token issuing key, created on first use."""
-        return AccessTokenIssuer.from_private_key_pem(
-            self._signing_key("access-token-issuer", AccessTokenIssuer.generate, None)
+    def access_token_issuer(self, issuer: str = DEFAULT_ISSUER) -> AccessTokenIssuer:
+        """This wallet's access-token issuer, its signing key created on first use.
+
+        Args:
+            issuer: the venue's name as the tokens state it.
+        """
+        pem = self._signing_key(
+            "access-token-issuer", lambda: AccessTokenIssuer.generate(issuer), None
+        )
+        return AccessTokenIssuer.from_private_key_pem(issuer, pem)
+
+    async def offer_access_token(
+        self,
+        peer: str,
+        scope: Sequence[str],
+        *,
+        title: str,
+        description: str = "",
+        valid_for: timedelta = DEFAULT_SHARE_LIFETIME,
+        lifetime: timedelta = DEFAULT_SHARE_LIFETIME,
+    ) -> Share:
+        """Issue an access token for ``peer`` with this wallet's issuer key, and offer it.
+
+        Args:
+            peer: the receiving wallet.
+            scope: what the token grants, e.g. ``["room:1207"]``.
+            title: one line the receiver sees.
+            description: more text the receiver sees.
+            valid_for: how long the token is good from now.
+            lifetime: how long the offer stays redeemable.
+        """
+        now = self._clock()
+        content = self.access_token_issuer().issue(
+            subject=peer, scope=scope, not_before=now, not_after=now + valid_for
+        )
+        provisioning = ProvisioningInformation(
+            media_type=ACCESS_TOKEN_MEDIA_TYPE, content=content
+        )
+        return await self.offer_provisioning(
+            peer, provisioning, title=title, description=description, lifetime=lifetime
         )
 
     def digital_key(self, share_id: str) -> DigitalKey:
@@ -574,7 +652,7 @@ class ShareService:
             raise UnknownShare(f"share {share_id} delivered a {credential.media_type}, not a key")
         stored = json.loads(credential.content)
         return DigitalKey(
-            endorsement=Endorsement.model_validate(stored["endorsement"]),
+            endorsement=Endorsement.model_validate_json(json.dumps(stored["endorsement"])),
             holder=DigitalKeyHolder.from_private_key_pem(stored["private_key_pem"].encode()),
         )
 

@@ -5,11 +5,11 @@ they are rewritten to ``?1``, ``?2``, which SQLite binds the same way, so a call
 :attr:`Database.dialect` where the SQL itself differs (column types, ``RETURNING`` locking
 clauses, upserts). Foreign exceptions (``sqlite3.Error``) become :class:`StoreError` here.
 
-Supported URLs:
+Supported URLs, in the form SQLAlchemy made familiar (``sqlite:///`` followed by the path):
 
-* ``sqlite:///absolute/path.db``: a file (the URL's path is the file path);
-* ``sqlite:relative/path.db``: a file relative to the working directory;
-* ``sqlite:///:memory:`` or ``sqlite::memory:``: a private in-memory database.
+* ``sqlite:///relative/path.db``: a file relative to the working directory;
+* ``sqlite:////absolute/path.db``: an absolute path (four slashes);
+* ``sqlite:///:memory:`` or ``sqlite://``: a private in-memory database.
 
 ``postgresql://`` is recognised and refused with a :class:`ConfigError` until the asyncpg backend
 is written; the public surface here is what that backend will implement.
@@ -25,7 +25,6 @@ import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Literal, Protocol
-from urllib.parse import unquote, urlsplit
 
 import aiosqlite
 
@@ -128,7 +127,8 @@ class Database:
         """Open the database a URL names.
 
         Args:
-            url: ``sqlite:...`` (see the module docstring); ``postgresql://`` is not built yet.
+            url: ``sqlite:///...`` (see the module docstring); ``postgresql://`` is not built
+                yet.
             busy_timeout_ms: how long SQLite waits for another process's lock.
 
         Returns:
@@ -147,7 +147,9 @@ class Database:
                 "PostgreSQL databases are not supported yet",
                 hint="use a sqlite: database URL",
             )
-        raise ConfigError(f"unsupported database URL scheme {scheme!r}", hint="use sqlite:PATH")
+        raise ConfigError(
+            f"unsupported database URL scheme {scheme!r}", hint="use sqlite:///PATH"
+        )
 
     @property
     def dialect(self) -> Dialect:
@@ -213,19 +215,14 @@ class _Backend(Protocol):
 
 def _sqlite_path(url: str) -> str:
     """The file path (or ``:memory:``) a ``sqlite:`` URL names."""
-    rest = url[len("sqlite:") :]
-    if rest in (":memory:", "///:memory:", "//:memory:"):
+    if url in ("sqlite://", "sqlite:///:memory:"):
         return ":memory:"
-    parts = urlsplit(url)
-    if parts.netloc:
+    if not url.startswith("sqlite:///") or len(url) == len("sqlite:///"):
         raise ConfigError(
-            f"a sqlite URL names a file, not a host: {url!r}",
-            hint="write sqlite:///absolute/path.db or sqlite:relative/path.db",
+            f"cannot read the SQLite URL {url!r}",
+            hint="write sqlite:///relative/path.db or sqlite:////absolute/path.db",
         )
-    path = unquote(parts.path)
-    if not path or path.endswith("/"):
-        raise ConfigError(f"the sqlite URL {url!r} names no file", hint="sqlite:///path/to/db")
-    return path
+    return url[len("sqlite:///") :]
 
 
 @functools.lru_cache(maxsize=512)

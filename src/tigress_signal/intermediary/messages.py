@@ -1,0 +1,210 @@
+"""Messages: send (``PUT /v1/messages/{uuid}``), list (``GET /v1/messages``), acknowledge.
+
+A send carries one ciphertext per device of the recipient. The server checks the list against
+the recipient's devices (409 with the missing and extra device ids) and their registration ids
+(410 with the stale ones) before storing anything, then stores all of them in one transaction
+and wakes the recipient's WebSockets. A message stays stored until its device acknowledges it,
+here with ``DELETE`` or over the WebSocket.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tigress_signal.intermediary.api import ApiError, json_response, parse_uuid, read_entity
+from tigress_signal.intermediary.context import ServerContext, context_of
+from tigress_signal.intermediary.entities import (
+    MAX_MESSAGES_PER_PAGE,
+    DeviceAddress,
+    Envelope,
+    MessagePage,
+    OutgoingMessageList,
+    SendResult,
+)
+from tigress_signal.storage import Connection, Row
+
+logger = logging.getLogger(__name__)
+
+_ENVELOPE_COLUMNS = (
+    "seq, guid, type, client_timestamp, source_uuid, source_device, account_uuid,"
+    " server_timestamp, urgent, content"
+)
+
+
+async def send_messages(request: Request) -> Response:
+    """``PUT /v1/messages/{uuid}``: store one message per device of the recipient."""
+    context = context_of(request)
+    sender = await context.authenticate(request)
+    recipient = parse_uuid(request.path_params["uuid"])
+    body = await read_entity(request, OutgoingMessageList, context.config.max_body_bytes)
+    _check_sizes(body, context.config.max_message_bytes)
+    listed = [message.destination_device_id for message in body.messages]
+    if len(set(listed)) != len(listed):
+        raise ApiError(422, "invalid_request", "messages: one message per destination device")
+
+    now = int(time.time() * 1000)
+    async with context.db.transaction() as conn:
+        devices = await _devices_of(conn, recipient)
+        if devices is None:
+            raise ApiError(404, "not_found", "no such recipient account")
+
+        # Sending to one's own account reaches one's other devices, never the sending one.
+        expected = dict(devices)
+        if recipient == sender.uuid:
+            expected.pop(sender.device_id, None)
+        missing = sorted(set(expected) - set(listed))
+        extra = sorted(set(listed) - set(expected))
+        if missing or extra:
+            raise ApiError(
+                409,
+                "mismatched_devices",
+                "the messages do not match the recipient's devices",
+                missingDevices=missing,
+                extraDevices=extra,
+            )
+        stale = sorted(
+            m.destination_device_id
+            for m in body.messages
+            if m.destination_registration_id != expected[m.destination_device_id]
+        )
+        if stale:
+            raise ApiError(
+                410, "stale_devices", "some devices were registered again", staleDevices=stale
+            )
+
+        # An "online" message is for a device that is connected right now, or for nobody.
+        stored = [
+            m
+            for m in body.messages
+            if not body.online
+            or context.hub.is_connected(DeviceAddress(recipient, m.destination_device_id))
+        ]
+        await conn.executemany(
+            "INSERT INTO messages (guid, account_uuid, device_id, type, client_timestamp,"
+            " source_uuid, source_device, server_timestamp, urgent, content)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            [
+                (
+                    str(uuid.uuid4()),
+                    recipient,
+                    m.destination_device_id,
+                    m.type,
+                    body.timestamp,
+                    sender.uuid,
+                    sender.device_id,
+                    now,
+                    body.urgent,
+                    m.content,
+                )
+                for m in stored
+            ],
+        )
+        # The sender's other devices would want a copy of what it sent (none exist yet).
+        needs_sync = recipient != sender.uuid and await _has_other_devices(conn, sender)
+
+    # Only after the commit: a woken WebSocket must find the rows.
+    for m in stored:
+        await context.notifier.message_stored(DeviceAddress(recipient, m.destination_device_id))
+    return json_response(SendResult(needs_sync=needs_sync))
+
+
+async def list_messages(request: Request) -> Response:
+    """``GET /v1/messages``: the device's oldest stored messages (at most 100)."""
+    context = context_of(request)
+    device = await context.authenticate(request)
+    rows = await context.db.fetch(
+        f"SELECT {_ENVELOPE_COLUMNS} FROM messages"  # noqa: S608 - fixed column list
+        " WHERE account_uuid = $1 AND device_id = $2 ORDER BY seq LIMIT $3",
+        device.uuid,
+        device.device_id,
+        MAX_MESSAGES_PER_PAGE + 1,
+    )
+    page = [envelope_from_row(row) for row in rows[:MAX_MESSAGES_PER_PAGE]]
+    return json_response(MessagePage(messages=page, more=len(rows) > MAX_MESSAGES_PER_PAGE))
+
+
+async def acknowledge_message(request: Request) -> Response:
+    """``DELETE /v1/messages/uuid/{guid}``: delete one of the device's messages."""
+    context = context_of(request)
+    device = await context.authenticate(request)
+    guid = parse_uuid(request.path_params["guid"], "message guid")
+    if not await delete_message(context, device, guid):
+        raise ApiError(404, "not_found", "no such message for this device")
+    return Response(status_code=204)
+
+
+async def delete_message(context: ServerContext, device: DeviceAddress, guid: str) -> bool:
+    """Delete a message if it is stored for ``device``; whether it was."""
+    changed = await context.db.execute(
+        "DELETE FROM messages WHERE guid = $1 AND account_uuid = $2 AND device_id = $3",
+        guid,
+        device.uuid,
+        device.device_id,
+    )
+    return changed > 0
+
+
+async def messages_after(
+    context: ServerContext, device: DeviceAddress, after_seq: int, limit: int
+) -> list[tuple[int, Envelope]]:
+    """The device's stored messages with ``seq`` above ``after_seq``, oldest first."""
+    rows = await context.db.fetch(
+        f"SELECT {_ENVELOPE_COLUMNS} FROM messages"  # noqa: S608 - fixed column list
+        " WHERE account_uuid = $1 AND device_id = $2 AND seq > $3 ORDER BY seq LIMIT $4",
+        device.uuid,
+        device.device_id,
+        after_seq,
+        limit,
+    )
+    return [(int(row["seq"]), envelope_from_row(row)) for row in rows]
+
+
+def envelope_from_row(row: Row) -> Envelope:
+    """The envelope of a ``messages`` row."""
+    return Envelope(
+        guid=row["guid"],
+        type=row["type"],
+        timestamp=row["client_timestamp"],
+        source_uuid=row["source_uuid"],
+        source_device=row["source_device"],
+        destination_uuid=row["account_uuid"],
+        content=bytes(row["content"]),
+        server_timestamp=row["server_timestamp"],
+        urgent=bool(row["urgent"]),
+    )
+
+
+def _check_sizes(body: OutgoingMessageList, limit: int) -> None:
+    for index, message in enumerate(body.messages):
+        if len(message.content) > limit:
+            raise ApiError(
+                413,
+                "payload_too_large",
+                f"messages[{index}].content is {len(message.content)} bytes; the limit is {limit}",
+            )
+
+
+async def _devices_of(conn: Connection, account: str) -> dict[int, int] | None:
+    """Device id to registration id of an account; None when there is no such account."""
+    rows = await conn.fetch(
+        "SELECT d.device_id, d.registration_id FROM accounts a"
+        " LEFT JOIN devices d ON d.account_uuid = a.uuid WHERE a.uuid = $1",
+        account,
+    )
+    if not rows:
+        return None
+    return {int(r["device_id"]): int(r["registration_id"]) for r in rows if r[0] is not None}
+
+
+async def _has_other_devices(conn: Connection, device: DeviceAddress) -> bool:
+    other = await conn.fetchval(
+        "SELECT 1 FROM devices WHERE account_uuid = $1 AND device_id <> $2 LIMIT 1",
+        device.uuid,
+        device.device_id,
+    )
+    return other is not None

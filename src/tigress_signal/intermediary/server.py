@@ -1,0 +1,185 @@
+"""Running the intermediary with uvicorn: ``serve`` for the CLI, ``IntermediaryServer`` for code.
+
+The listening socket is bound here rather than by uvicorn, so that a busy port or a bad address
+is reported as a :class:`ConfigError` instead of ending the process, and so that port 0 can be
+used to get a free port (tests, the demo). A failure while starting (the database, the
+sidecar) is raised to the caller as the original exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from types import TracebackType
+
+import uvicorn
+from starlette.applications import Starlette
+
+from tigress_signal.errors import ConfigError, TigressSignalError
+from tigress_signal.intermediary.app import create_app
+from tigress_signal.intermediary.config import IntermediaryConfig
+from tigress_signal.intermediary.signatures import SignatureVerifier
+
+logger = logging.getLogger(__name__)
+
+#: Seconds open connections get to finish when the server stops.
+_GRACEFUL_SHUTDOWN = 5
+#: Largest WebSocket frame a device may send; its frames are small acknowledgements.
+_WS_MAX_FRAME = 64 * 1024
+_START_TIMEOUT = 30.0
+
+
+async def serve(config: IntermediaryConfig, *, verifier: SignatureVerifier | None = None) -> None:
+    """Run the intermediary until the process gets SIGINT or SIGTERM.
+
+    Args:
+        config: the server's settings (``host``, ``port``, ``database_url``, limits).
+        verifier: checks prekey signatures; None starts a libsignal sidecar.
+
+    Raises:
+        ConfigError: the address cannot be listened on.
+        TigressSignalError: the server could not start (database, sidecar).
+    """
+    app = create_app(config, verifier=verifier)
+    sock = listen(config.host, config.port)
+    server = uvicorn.Server(_uvicorn_config(app, config))
+    logger.info("listening on %s", _url_of(sock))
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:
+        raise _startup_error(app)
+
+
+def run(config: IntermediaryConfig) -> None:
+    """:func:`serve` for synchronous callers: blocks until the server stops."""
+    asyncio.run(serve(config))
+
+
+class IntermediaryServer:
+    """An intermediary running in this event loop, for tests and embedding.
+
+    Example::
+
+        async with IntermediaryServer(IntermediaryConfig(port=0, ...)) as server:
+            client = IntermediaryClient(server.url)
+
+    Args:
+        config: the server's settings; ``port=0`` picks a free port.
+        verifier: checks prekey signatures; None starts a libsignal sidecar.
+    """
+
+    def __init__(
+        self, config: IntermediaryConfig, *, verifier: SignatureVerifier | None = None
+    ) -> None:
+        self.config = config
+        self.app = create_app(config, verifier=verifier)
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._socket: socket.socket | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        """Bind, start the app's lifespan and begin serving.
+
+        Raises:
+            ConfigError: the address cannot be listened on.
+            TigressSignalError: the server could not start.
+        """
+        self._socket = listen(self.config.host, self.config.port)
+        self.url = _url_of(self._socket)
+        self._server = uvicorn.Server(_uvicorn_config(self.app, self.config))
+        self._task = asyncio.create_task(
+            self._server.serve(sockets=[self._socket]), name="intermediary-server"
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _START_TIMEOUT
+        while not self._server.started:
+            if self._task.done():
+                await self._task  # re-raises a crash
+                self._socket.close()
+                raise _startup_error(self.app)
+            if loop.time() > deadline:
+                await self.stop()
+                raise TigressSignalError("the intermediary did not start in time")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        """Stop serving: close connections, run the lifespan's shutdown."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+    async def __aenter__(self) -> IntermediaryServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (port 0: a free one).
+
+    Raises:
+        ConfigError: the address is unknown or the port is taken.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+            hint="choose another port, or stop the process using it",
+        ) from exc
+    return sock
+
+
+def _uvicorn_config(app: Starlette, config: IntermediaryConfig) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        lifespan="on",
+        # The sans-I/O implementation: the other websockets one uses a deprecated API.
+        ws="websockets-sansio",
+        ws_max_size=_WS_MAX_FRAME,
+        # Logging is configured by whoever runs us; our middleware logs each request once.
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN,
+        h11_max_incomplete_event_size=64 * 1024,
+    )
+
+
+def _url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def _startup_error(app: Starlette) -> BaseException:
+    error = getattr(app.state, "startup_error", None)
+    if isinstance(error, BaseException):
+        return error
+    return TigressSignalError("the intermediary did not start; see the log above")

@@ -1,0 +1,217 @@
+"""Both transfers with the intermediary and two wallets as separate OS processes on loopback.
+
+Everything goes through the ``tigress-signal`` command line, as an integration script would use
+it: one ``serve`` process, and one short-lived process per wallet command.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+SAMPLES = Path(__file__).resolve().parents[1] / "src" / "tigress_signal" / "credentials" / "samples"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run one ``tigress-signal`` command in its own process."""
+    return subprocess.run(
+        [sys.executable, "-m", "tigress_signal", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def ok(*args: str, **kwargs) -> str:
+    result = cli(*args, **kwargs)
+    assert result.returncode == 0, f"{args}: {result.stdout}{result.stderr}"
+    return result.stdout.strip()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[str]:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "serve.log").open("wb")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tigress_signal",
+            "serve",
+            "--port",
+            str(port),
+            "--database",
+            f"sqlite:///{tmp_path / 'intermediary.sqlite3'}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "intermediary did not start"
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@dataclass
+class Wallets:
+    alice: Path
+    bob: Path
+    alice_id: str
+    bob_id: str
+
+
+@pytest.fixture
+def wallets(server: str, tmp_path: Path) -> Wallets:
+    alice, bob = tmp_path / "alice", tmp_path / "bob"
+    alice_id = ok("wallet", "init", str(alice), "--server", server)
+    bob_id = ok("wallet", "init", str(bob), "--server", server)
+    assert alice_id != bob_id
+    return Wallets(alice, bob, alice_id, bob_id)
+
+
+def _offered_share(wallet: Path) -> str:
+    """The share id of the single received offer listed by ``inbox``."""
+    lines = [line for line in ok("inbox", "--wallet", str(wallet)).splitlines() if "receiver" in line]
+    assert len(lines) == 1, lines
+    return lines[0].split()[0]
+
+
+@pytest.mark.parametrize(
+    ("sample", "media_type"),
+    [
+        ("sd-jwt-vc-example.sd-jwt", "application/dc+sd-jwt"),
+        ("w3c-vc-example.jsonld", None),
+    ],
+)
+def test_stateless_file_share_across_processes(wallets: Wallets, tmp_path: Path, sample, media_type):
+    original = (SAMPLES / sample).read_bytes()
+    args = ["share", "--wallet", str(wallets.alice), "--to", wallets.bob_id]
+    args += ["--file", str(SAMPLES / sample), "--title", "A published credential"]
+    if media_type:
+        args += ["--media-type", media_type]
+    share_id = ok(*args)
+
+    assert _offered_share(wallets.bob) == share_id
+    assert ok("accept", "--wallet", str(wallets.bob), share_id) == "accepted"
+    exported = tmp_path / "exported"
+    ok("export", "--wallet", str(wallets.bob), share_id, "--out", str(exported))
+    assert exported.read_bytes() == original
+
+    inbox = ok("inbox", "--wallet", str(wallets.alice))
+    assert f"{share_id} sender" in inbox
+    assert "accepted" in inbox.split(share_id)[1].splitlines()[0]
+
+
+def test_stateful_digital_key_across_processes(wallets: Wallets):
+    share_id = ok(
+        "share", "--wallet", str(wallets.alice), "--to", wallets.bob_id,
+        "--digital-key", "front-door", "--title", "Front door",
+    )
+    assert _offered_share(wallets.bob) == share_id
+    # Bob's accept sends the key signing request and waits for the endorsement, which Alice's
+    # wallet produces when it processes its messages.
+    bob = subprocess.Popen(
+        [sys.executable, "-m", "tigress_signal", "accept", "--wallet", str(wallets.bob), share_id, "--wait", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while bob.poll() is None and time.monotonic() < deadline:
+            ok("sync", "--wallet", str(wallets.alice), "--idle", "1")
+        out, err = bob.communicate(timeout=60)
+    finally:
+        if bob.poll() is None:
+            bob.kill()
+    assert bob.returncode == 0, out + err
+    assert out.strip() == "accepted"
+    ok("sync", "--wallet", str(wallets.alice), "--idle", "1")
+    assert "accepted" in ok("inbox", "--wallet", str(wallets.alice)).split(share_id)[1].splitlines()[0]
+
+    owner_key = ok("lock", "owner-key", "--wallet", str(wallets.alice), "front-door")
+    assert ok("lock", "try", "--wallet", str(wallets.bob), share_id, "--owner-key", owner_key) == (
+        "lock front-door: unlocked"
+    )
+    # The lock refuses the key under another owner's public key.
+    other = ok("lock", "owner-key", "--wallet", str(wallets.bob), "front-door")
+    refused = cli("lock", "try", "--wallet", str(wallets.bob), share_id, "--owner-key", other)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("error:")
+
+
+@pytest.mark.parametrize("crash_at", ["receive:decrypted", "receive:committed"])
+def test_receiver_killed_between_decrypt_and_ack_keeps_the_credential_once(wallets: Wallets, crash_at):
+    share_id = ok(
+        "share", "--wallet", str(wallets.alice), "--to", wallets.bob_id,
+        "--digital-key", "garage", "--title", "Garage",
+    )
+    assert _offered_share(wallets.bob) == share_id
+    ok("accept", "--wallet", str(wallets.bob), share_id, "--wait", "0")
+    ok("sync", "--wallet", str(wallets.alice), "--idle", "1")  # Alice endorses
+
+    # Bob's wallet dies with SIGKILL right after decrypting the key import request, before the
+    # intermediary is told it arrived.
+    crashed = cli(
+        "sync", "--wallet", str(wallets.bob), "--idle", "3",
+        env={"TIGRESS_SIGNAL_CRASH_AT": f"{crash_at}:key_import_request"},
+    )
+    assert crashed.returncode == -signal.SIGKILL, crashed.stdout + crashed.stderr
+
+    # After the restart the message is delivered again, and the key is stored exactly once.
+    ok("sync", "--wallet", str(wallets.bob), "--idle", "1.5")
+    inbox = ok("inbox", "--wallet", str(wallets.bob))
+    credentials = [line for line in inbox.splitlines() if line.startswith("credential ")]
+    assert len(credentials) == 1, inbox
+    assert share_id in credentials[0]
+    assert "accepted" in inbox.split(share_id)[1].splitlines()[0]
+
+    # Alice gets Bob's acceptance, which was queued with the key before the crash.
+    ok("sync", "--wallet", str(wallets.alice), "--idle", "1.5")
+    assert "accepted" in ok("inbox", "--wallet", str(wallets.alice)).split(share_id)[1].splitlines()[0]
+    owner_key = ok("lock", "owner-key", "--wallet", str(wallets.alice), "garage")
+    ok("lock", "try", "--wallet", str(wallets.bob), share_id, "--owner-key", owner_key)
+
+
+def test_unknown_peer_gives_one_line_error(wallets: Wallets):
+    result = cli(
+        "share", "--wallet", str(wallets.alice), "--to", "00000000-0000-4000-8000-000000000000",
+        "--access-token", "room 1", "--title", "Nobody",
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error:")
+    assert "Traceback" not in result.stderr
