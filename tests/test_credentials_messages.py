@@ -485,9 +485,17 @@ def test_decode_rejects_oversize_before_parsing() -> None:
         decode_transfer(b" " * (MAX_TRANSFER_MESSAGE_BYTES + 1))
 
 
-def test_largest_offer_that_fits_round_trips() -> None:
-    content = bytes(range(256)) * (58 * 1024 // 256)
-    data = encode_transfer(envelope(offer(provisioning=provisioning(content=content))))
+def test_offer_of_55_kib_fits_even_with_the_longest_fields() -> None:
+    content = bytes(range(256)) * (55 * 1024 // 256)
+    longest = "\N{GRINNING FACE}"  # four bytes in UTF-8
+    media_type = "a" * 127 + "/" + "b" * 127
+    big = offer(
+        title=longest * 120,
+        description=longest * 1000,
+        credential_format=media_type,
+        provisioning=provisioning(content=content, media_type=media_type, filename=longest * 255),
+    )
+    data = encode_transfer(envelope(big))
     assert len(data) <= MAX_TRANSFER_MESSAGE_BYTES
     received = decode_transfer(data).body
     assert isinstance(received, Offer)

@@ -115,8 +115,8 @@ def _offered_share(wallet: Path) -> str:
 @pytest.mark.parametrize(
     ("sample", "media_type"),
     [
-        ("sd-jwt-vc-example.sd-jwt", "application/dc+sd-jwt"),
-        ("w3c-vc-example.jsonld", None),
+        ("sd-jwt-vc-identity-credential.sd-jwt", "application/dc+sd-jwt"),
+        ("vcdm2-alumni-credential.json", None),
     ],
 )
 def test_stateless_file_share_across_processes(wallets: Wallets, tmp_path: Path, sample, media_type):

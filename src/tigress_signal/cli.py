@@ -242,7 +242,9 @@ async def _accept(args: argparse.Namespace) -> int:
         if share.state is ShareState.KEY_REQUESTED and args.wait > 0:
             share = await wallet.shares.wait_for(share.share_id, _FINAL_STATES, args.wait)
         print(share.state.value)
-    return 0 if share.state is not ShareState.KEY_REQUESTED else EXIT_FAILED
+    # With --wait, a share still waiting for its endorsement means the wait ran out.
+    waited_in_vain = args.wait > 0 and share.state is ShareState.KEY_REQUESTED
+    return EXIT_FAILED if waited_in_vain else 0
 
 
 async def _decline(args: argparse.Namespace) -> int:

@@ -46,9 +46,6 @@ from tigress_signal.errors import CredentialError, EndorsementRejected
 #: Media type of a digital key as a wallet stores it and as a stateful offer names it.
 DIGITAL_KEY_MEDIA_TYPE = "application/vnd.tigress-signal.digital-key+json"
 
-#: Rights the reference lock understands; an endorsement may name others for other devices.
-KNOWN_RIGHTS: tuple[str, ...] = ("lock", "unlock", "open_trunk", "start_engine")
-
 _ATTESTATION_LABEL = "digital-key/key-signing-request/v1"
 _ENDORSEMENT_LABEL = "digital-key/endorsement/v1"
 _UNLOCK_LABEL = "digital-key/unlock-response/v1"

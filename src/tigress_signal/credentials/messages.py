@@ -43,8 +43,9 @@ from tigress_signal.errors import CredentialError, MalformedTransferMessage
 #: 80 KiB. The self-hosted intermediary accepts at most 96 KiB of ciphertext per message, and
 #: libsignal's encryption adds padding, a header and a MAC on top of the plaintext; 80 KiB leaves
 #: that overhead a wide margin. Note that an offer's provisioning content travels as base64
-#: (4 bytes for every 3), so an offer fits only with content up to about 58 KiB, below the
-#: 64 KiB that :class:`ProvisioningInformation` itself allows.
+#: (4 bytes for every 3): content up to 55 KiB always fits (even with the longest title,
+#: description, file name and media types), about 59 KiB fits beside short ones, and the
+#: 64 KiB that :class:`ProvisioningInformation` itself allows does not fit.
 MAX_TRANSFER_MESSAGE_BYTES = 80 * 1024
 
 #: The largest provisioning content (the credential's bytes) a model holds: 64 KiB.
@@ -434,7 +435,7 @@ def encode_transfer(envelope: TransferEnvelope) -> bytes:
         raise CredentialError(
             f"the {envelope.body.type} message would be {len(data)} bytes, over the "
             f"{MAX_TRANSFER_MESSAGE_BYTES}-byte limit of a transfer message",
-            hint="offer a smaller credential (provisioning content up to about 58 KiB fits)",
+            hint="offer a smaller credential (provisioning content up to 55 KiB always fits)",
         )
     return data
 
