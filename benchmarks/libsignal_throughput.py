@@ -135,11 +135,11 @@ async def make_party(folder: Path, name: str, conversations: int) -> Party:
     return Party(name, bridge, store, identity.public_key, bundles)
 
 
-async def exchange(
-    sender: Party, receiver: Party, conversation: int, payload: bytes
-) -> None:
+async def exchange(sender: Party, receiver: Party, conversation: int, payload: bytes) -> None:
     """One operation: encrypt, commit, decrypt, commit."""
-    encrypted = await sender.bridge.encrypt(ProtocolAddress(f"{receiver.name}-{conversation}"), payload)
+    encrypted = await sender.bridge.encrypt(
+        ProtocolAddress(f"{receiver.name}-{conversation}"), payload
+    )
     sender.commit(encrypted.changes)
     decrypted = await receiver.bridge.decrypt(
         ProtocolAddress(f"{sender.name}-{conversation}"),

@@ -33,7 +33,7 @@ const MAX_BATCH = 1000;
 const TRUST_POLICIES = new Set(['tofu', 'always', 'verify']);
 const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
-// -- output: protocol lines, batched per event-loop turn -------------------------------------
+// -- output: protocol lines, written once the current burst of work settles -------------------
 
 let outbox = [];
 let flushQueued = false;
@@ -42,7 +42,7 @@ function send(message) {
   outbox.push(JSON.stringify(message));
   if (!flushQueued) {
     flushQueued = true;
-    setImmediate(flush);
+    queueMicrotask(flush);
   }
 }
 

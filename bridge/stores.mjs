@@ -25,7 +25,26 @@ export class RecordCache {
   constructor(requestLoad) {
     this.requestLoad = requestLoad;
     this.records = new Map(); // cacheKey -> Uint8Array, or null for "known absent"
+    this.objects = new Map(); // cacheKey -> the record deserialized, saving a parse per call
     this.loading = new Map(); // cacheKey -> Promise, so one record is loaded once at a time
+  }
+
+  /** The record as a libsignal object, parsed once and kept while its bytes stay current. */
+  async getObject(kind, key, parse) {
+    const ck = cacheKey(kind, key);
+    const held = this.objects.get(ck);
+    if (held !== undefined) {
+      return held;
+    }
+    const bytes = await this.get(kind, key);
+    if (bytes === null) {
+      return null;
+    }
+    const parsed = parse(bytes);
+    if (this.records.get(ck) === bytes) {
+      this.objects.set(ck, parsed);
+    }
+    return parsed;
   }
 
   async get(kind, key) {
@@ -62,16 +81,25 @@ export class RecordCache {
 
   commit(changes) {
     for (const change of changes) {
-      this.records.set(cacheKey(change.kind, change.key), change.value);
+      const ck = cacheKey(change.kind, change.key);
+      this.records.set(ck, change.value);
+      if (change.object !== undefined && change.value !== null) {
+        this.objects.set(ck, change.object);
+      } else {
+        this.objects.delete(ck);
+      }
     }
   }
 
   evict(kind, key) {
-    this.records.delete(cacheKey(kind, key));
+    const ck = cacheKey(kind, key);
+    this.records.delete(ck);
+    this.objects.delete(ck);
   }
 
   clear() {
     this.records.clear();
+    this.objects.clear();
   }
 }
 
@@ -79,8 +107,16 @@ export class RecordCache {
 export class CallRecords {
   constructor(cache) {
     this.cache = cache;
-    this.writes = new Map(); // cacheKey -> {kind, key, value}
+    this.writes = new Map(); // cacheKey -> {kind, key, value, object}
     this.events = [];
+  }
+
+  async getObject(kind, key, parse) {
+    const own = this.writes.get(cacheKey(kind, key));
+    if (own !== undefined) {
+      return own.value === null ? null : (own.object ?? parse(own.value));
+    }
+    return this.cache.getObject(kind, key, parse);
   }
 
   async get(kind, key) {
@@ -91,8 +127,8 @@ export class CallRecords {
     return this.cache.get(kind, key);
   }
 
-  put(kind, key, value) {
-    this.writes.set(cacheKey(kind, key), { kind, key, value });
+  put(kind, key, value, object = undefined) {
+    this.writes.set(cacheKey(kind, key), { kind, key, value, object });
   }
 
   identityChanged(peer) {
@@ -108,6 +144,8 @@ export class CallRecords {
     return changes;
   }
 }
+
+const parseSession = (bytes) => S.SessionRecord.deserialize(bytes);
 
 export const sessionKey = (address) => `${address.name()}.${address.deviceId()}`;
 
@@ -126,12 +164,11 @@ export class CallSessionStore extends S.SessionStore {
   }
 
   async saveSession(address, record) {
-    this.records.put('session', sessionKey(address), record.serialize());
+    this.records.put('session', sessionKey(address), record.serialize(), record);
   }
 
   async getSession(address) {
-    const value = await this.records.get('session', sessionKey(address));
-    return value === null ? null : S.SessionRecord.deserialize(value);
+    return this.records.getObject('session', sessionKey(address), parseSession);
   }
 
   async getExistingSessions(addresses) {

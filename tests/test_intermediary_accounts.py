@@ -48,7 +48,9 @@ async def test_create_account_returns_uuid_device_1_and_a_strong_password(server
     assert str(uuid.UUID(body["uuid"])) == body["uuid"]
     assert body["deviceId"] == 1
     # 192 random bits in URL-safe base64: 32 characters.
-    assert len(base64.urlsafe_b64decode(body["password"] + "=" * (-len(body["password"]) % 4))) >= 16
+    assert (
+        len(base64.urlsafe_b64decode(body["password"] + "=" * (-len(body["password"]) % 4))) >= 16
+    )
 
 
 async def test_each_account_gets_its_own_id_and_password(server):
@@ -92,7 +94,9 @@ async def test_whoami_accepts_uuid_dot_device_and_bare_uuid(server):
         me = await device.client.whoami()
         assert (me.uuid, me.device_id) == (device.uuid, 1)
         async with raw_client(server.url) as http:
-            bare = await http.get("/v1/accounts/whoami", headers=basic(device.uuid, device.password))
+            bare = await http.get(
+                "/v1/accounts/whoami", headers=basic(device.uuid, device.password)
+            )
             upper = await http.get(
                 "/v1/accounts/whoami", headers=basic(device.uuid.upper() + ".1", device.password)
             )
@@ -162,9 +166,7 @@ async def test_a_client_without_credentials_refuses_before_sending(server):
     await client.aclose()
 
 
-async def test_verified_passwords_are_remembered_and_wrong_ones_always_hashed(
-    server, monkeypatch
-):
+async def test_verified_passwords_are_remembered_and_wrong_ones_always_hashed(server, monkeypatch):
     device = await register(server.url)
     calls = []
     real = auth.verify_password
@@ -271,9 +273,7 @@ async def test_each_request_is_logged_once_without_secrets(server, caplog):
             await http.get("/v1/accounts/whoami", headers=basic(device.uuid, "bad"))
     finally:
         await device.client.aclose()
-    lines = [
-        r.getMessage() for r in caplog.records if r.name == "tigress_signal.intermediary.app"
-    ]
+    lines = [r.getMessage() for r in caplog.records if r.name == "tigress_signal.intermediary.app"]
     requests = [line for line in lines if line.split(" ")[0] in ("GET", "POST", "PUT")]
     assert requests[0].startswith("POST /v1/accounts 200 ")
     assert requests[1].startswith("PUT /v2/keys 200 ")

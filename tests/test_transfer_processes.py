@@ -19,7 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-SAMPLES = Path(__file__).resolve().parents[1] / "src" / "tigress_signal" / "credentials" / "samples"
+SAMPLES = (
+    Path(__file__).resolve().parents[1] / "src" / "tigress_signal" / "credentials" / "samples"
+)
 
 
 def _free_port() -> int:
@@ -28,7 +30,9 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """Run one ``tigress-signal`` command in its own process."""
     return subprocess.run(
         [sys.executable, "-m", "tigress_signal", *args],
@@ -107,7 +111,9 @@ def wallets(server: str, tmp_path: Path) -> Wallets:
 
 def _offered_share(wallet: Path) -> str:
     """The share id of the single received offer listed by ``inbox``."""
-    lines = [line for line in ok("inbox", "--wallet", str(wallet)).splitlines() if "receiver" in line]
+    lines = [
+        line for line in ok("inbox", "--wallet", str(wallet)).splitlines() if "receiver" in line
+    ]
     assert len(lines) == 1, lines
     return lines[0].split()[0]
 
@@ -119,7 +125,9 @@ def _offered_share(wallet: Path) -> str:
         ("vcdm2-alumni-credential.json", None),
     ],
 )
-def test_stateless_file_share_across_processes(wallets: Wallets, tmp_path: Path, sample, media_type):
+def test_stateless_file_share_across_processes(
+    wallets: Wallets, tmp_path: Path, sample, media_type
+):
     original = (SAMPLES / sample).read_bytes()
     args = ["share", "--wallet", str(wallets.alice), "--to", wallets.bob_id]
     args += ["--file", str(SAMPLES / sample), "--title", "A published credential"]
@@ -140,15 +148,35 @@ def test_stateless_file_share_across_processes(wallets: Wallets, tmp_path: Path,
 
 def test_stateful_digital_key_across_processes(wallets: Wallets):
     share_id = ok(
-        "share", "--wallet", str(wallets.alice), "--to", wallets.bob_id,
-        "--digital-key", "front-door", "--title", "Front door",
+        "share",
+        "--wallet",
+        str(wallets.alice),
+        "--to",
+        wallets.bob_id,
+        "--digital-key",
+        "front-door",
+        "--title",
+        "Front door",
     )
     assert _offered_share(wallets.bob) == share_id
     # Bob's accept sends the key signing request and waits for the endorsement, which Alice's
     # wallet produces when it processes its messages.
     bob = subprocess.Popen(
-        [sys.executable, "-m", "tigress_signal", "accept", "--wallet", str(wallets.bob), share_id, "--wait", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "tigress_signal",
+            "accept",
+            "--wallet",
+            str(wallets.bob),
+            share_id,
+            "--wait",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 60
@@ -161,7 +189,10 @@ def test_stateful_digital_key_across_processes(wallets: Wallets):
     assert bob.returncode == 0, out + err
     assert out.strip() == "accepted"
     ok("sync", "--wallet", str(wallets.alice), "--idle", "1")
-    assert "accepted" in ok("inbox", "--wallet", str(wallets.alice)).split(share_id)[1].splitlines()[0]
+    assert (
+        "accepted"
+        in ok("inbox", "--wallet", str(wallets.alice)).split(share_id)[1].splitlines()[0]
+    )
 
     owner_key = ok("lock", "owner-key", "--wallet", str(wallets.alice), "front-door")
     assert ok("lock", "try", "--wallet", str(wallets.bob), share_id, "--owner-key", owner_key) == (
@@ -175,10 +206,19 @@ def test_stateful_digital_key_across_processes(wallets: Wallets):
 
 
 @pytest.mark.parametrize("crash_at", ["receive:decrypted", "receive:committed"])
-def test_receiver_killed_between_decrypt_and_ack_keeps_the_credential_once(wallets: Wallets, crash_at):
+def test_receiver_killed_between_decrypt_and_ack_keeps_the_credential_once(
+    wallets: Wallets, crash_at
+):
     share_id = ok(
-        "share", "--wallet", str(wallets.alice), "--to", wallets.bob_id,
-        "--digital-key", "garage", "--title", "Garage",
+        "share",
+        "--wallet",
+        str(wallets.alice),
+        "--to",
+        wallets.bob_id,
+        "--digital-key",
+        "garage",
+        "--title",
+        "Garage",
     )
     assert _offered_share(wallets.bob) == share_id
     ok("accept", "--wallet", str(wallets.bob), share_id, "--wait", "0")
@@ -187,7 +227,11 @@ def test_receiver_killed_between_decrypt_and_ack_keeps_the_credential_once(walle
     # Bob's wallet dies with SIGKILL right after decrypting the key import request, before the
     # intermediary is told it arrived.
     crashed = cli(
-        "sync", "--wallet", str(wallets.bob), "--idle", "3",
+        "sync",
+        "--wallet",
+        str(wallets.bob),
+        "--idle",
+        "3",
         env={"TIGRESS_SIGNAL_CRASH_AT": f"{crash_at}:key_import_request"},
     )
     assert crashed.returncode == -signal.SIGKILL, crashed.stdout + crashed.stderr
@@ -202,15 +246,25 @@ def test_receiver_killed_between_decrypt_and_ack_keeps_the_credential_once(walle
 
     # Alice gets Bob's acceptance, which was queued with the key before the crash.
     ok("sync", "--wallet", str(wallets.alice), "--idle", "1.5")
-    assert "accepted" in ok("inbox", "--wallet", str(wallets.alice)).split(share_id)[1].splitlines()[0]
+    assert (
+        "accepted"
+        in ok("inbox", "--wallet", str(wallets.alice)).split(share_id)[1].splitlines()[0]
+    )
     owner_key = ok("lock", "owner-key", "--wallet", str(wallets.alice), "garage")
     ok("lock", "try", "--wallet", str(wallets.bob), share_id, "--owner-key", owner_key)
 
 
 def test_unknown_peer_gives_one_line_error(wallets: Wallets):
     result = cli(
-        "share", "--wallet", str(wallets.alice), "--to", "00000000-0000-4000-8000-000000000000",
-        "--access-token", "room 1", "--title", "Nobody",
+        "share",
+        "--wallet",
+        str(wallets.alice),
+        "--to",
+        "00000000-0000-4000-8000-000000000000",
+        "--access-token",
+        "room 1",
+        "--title",
+        "Nobody",
     )
     assert result.returncode == 1
     assert result.stderr.startswith("error:")

@@ -26,7 +26,10 @@ def test_records_are_written_and_deleted_in_one_transaction(tmp_path):
         with store.transaction() as conn:
             store.apply_changes(
                 conn,
-                [RecordChange("session", "peer.1", b"session-2"), RecordChange("prekey", "7", None)],
+                [
+                    RecordChange("session", "peer.1", b"session-2"),
+                    RecordChange("prekey", "7", None),
+                ],
             )
         assert store.load_record("session", "peer.1") == b"session-2"
         assert store.load_record("prekey", "7") is None
@@ -44,7 +47,10 @@ def test_a_failed_transaction_leaves_records_unchanged(tmp_path):
 
 def test_unknown_record_kind_is_refused(tmp_path):
     with WalletStore.open(tmp_path / "w") as store:
-        with pytest.raises(StoreError, match="unknown libsignal record kind"), store.transaction() as conn:
+        with (
+            pytest.raises(StoreError, match="unknown libsignal record kind"),
+            store.transaction() as conn,
+        ):
             store.apply_changes(conn, [RecordChange("bogus", "x", b"")])  # type: ignore[arg-type]
 
 
@@ -71,7 +77,8 @@ def test_second_process_is_refused_while_the_wallet_is_open(tmp_path):
         code = (
             "import sys; from tigress_signal.wallet.store import WalletStore;"
             "from tigress_signal.errors import StoreLocked\n"
-            "try:\n WalletStore.open(sys.argv[1])\nexcept StoreLocked as e:\n print('locked', e); sys.exit(3)"
+            "try:\n WalletStore.open(sys.argv[1])\n"
+            "except StoreLocked as e:\n print('locked', e); sys.exit(3)"
         )
         result = subprocess.run(
             [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=30

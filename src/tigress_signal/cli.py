@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import sys
-import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -148,7 +147,9 @@ def _parser() -> argparse.ArgumentParser:
     attempt = lock.add_parser("try", help="open the reference lock with a received key")
     attempt.add_argument("--wallet", type=Path, required=True)
     attempt.add_argument("share_id")
-    attempt.add_argument("--owner-key", required=True, help="owner public key (hex, from owner-key)")
+    attempt.add_argument(
+        "--owner-key", required=True, help="owner public key (hex, from owner-key)"
+    )
     attempt.set_defaults(run=_lock_try)
     return parser
 
@@ -188,7 +189,10 @@ async def _share(args: argparse.Namespace) -> int:
         if args.file is not None:
             provisioning = provisioning_from_file(args.file, media_type=args.media_type)
             share = await wallet.shares.offer_provisioning(
-                args.to, provisioning, title=args.title, description=args.description,
+                args.to,
+                provisioning,
+                title=args.title,
+                description=args.description,
                 lifetime=lifetime,
             )
         elif args.access_token is not None:
@@ -281,7 +285,9 @@ async def _lock_try(args: argparse.Namespace) -> int:
         try:
             owner_key = bytes.fromhex(args.owner_key)
         except ValueError:
-            raise ConfigError("--owner-key must be the hex text 'lock owner-key' printed") from None
+            raise ConfigError(
+                "--owner-key must be the hex text 'lock owner-key' printed"
+            ) from None
         lock = ReferenceLock(key.endorsement.lock_id, owner_key)
         challenge = lock.challenge()
         lock.unlock(key.endorsement, key.holder.respond(challenge, key.endorsement.lock_id))
@@ -308,13 +314,18 @@ async def _running(folder: Path, *, idle: float = 0.0) -> AsyncIterator[Wallet]:
         await wallet.aclose()
 
 
-_FINAL_STATES = (ShareState.ACCEPTED, ShareState.DECLINED, ShareState.CANCELLED, ShareState.EXPIRED)
+_FINAL_STATES = (
+    ShareState.ACCEPTED,
+    ShareState.DECLINED,
+    ShareState.CANCELLED,
+    ShareState.EXPIRED,
+)
 
 
 def _share_line(share: Share) -> str:
     return (
         f"{share.share_id} {share.role:<8} {share.flow:<9} {share.state.value:<13}"
-        f" {share.credential_format} \"{share.title}\" peer={share.peer}"
+        f' {share.credential_format} "{share.title}" peer={share.peer}'
     )
 
 

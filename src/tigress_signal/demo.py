@@ -91,7 +91,9 @@ async def _stateless(alice: Wallet, bob: Wallet, transcript: _Transcript) -> Non
         "stateless: Bob receives the offer",
         bob.shares.wait_for(share.share_id, [ShareState.OFFERED]),
     )
-    await transcript.step("stateless: Bob accepts and stores the token", bob.shares.accept(share.share_id))
+    await transcript.step(
+        "stateless: Bob accepts and stores the token", bob.shares.accept(share.share_id)
+    )
     await transcript.step(
         "stateless: Alice sees it accepted",
         alice.shares.wait_for(share.share_id, [ShareState.ACCEPTED]),
@@ -158,7 +160,7 @@ async def _intermediary(folder: Path, transcript: _Transcript) -> AsyncIterator[
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log_file = (folder / "intermediary.log").open("wb")
-    process = subprocess.Popen(
+    process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; waits are off-thread
         [
             sys.executable,
             "-m",

@@ -19,6 +19,7 @@ Note:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -125,7 +126,9 @@ class SelfHostedChannel(CredentialChannel):
             except NotFound as exc:
                 raise UnknownPeer(f"the intermediary has no account {peer}") from exc
             except ServerApiError as exc:
-                raise ChannelError(f"the intermediary refused the message to {peer}: {exc}") from exc
+                raise ChannelError(
+                    f"the intermediary refused the message to {peer}: {exc}"
+                ) from exc
         log.info(
             "sent %d bytes to %s on %d device(s) (%.1f ms)",
             len(payload),
@@ -245,7 +248,9 @@ class SelfHostedChannel(CredentialChannel):
             await delivery.ack()
         except (TigressSignalError, OSError) as exc:
             # The effect is committed and the envelope marked seen: a redelivery is dropped.
-            log.warning("could not acknowledge %s (%s); a copy will be dropped", incoming.envelope_id, exc)
+            log.warning(
+                "could not acknowledge %s (%s); a copy will be dropped", incoming.envelope_id, exc
+            )
 
     async def release(self, incoming: IncomingMessage) -> None:
         """Drop the sidecar's copies of what this message changed; it will be delivered again."""
@@ -267,10 +272,9 @@ class SelfHostedChannel(CredentialChannel):
 
     async def _forget(self, changes: Sequence[RecordChange]) -> None:
         if changes:
-            try:
+            # A restarted sidecar has no cache to clean.
+            with contextlib.suppress(BridgeUnavailable):
                 await self._bridge.evict(changes)
-            except BridgeUnavailable:
-                pass  # a restarted sidecar has no cache to clean
 
 
 class _Delivery:
@@ -282,8 +286,5 @@ class _Delivery:
 
 
 async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), seconds)
-    except TimeoutError:
-        pass
-

@@ -27,15 +27,15 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from tigress_signal.channel import CredentialChannel, IncomingMessage
 from tigress_signal.credentials import (
-    DIGITAL_KEY_MEDIA_TYPE,
     ACCESS_TOKEN_MEDIA_TYPE,
-    AccessTokenIssuer,
+    DIGITAL_KEY_MEDIA_TYPE,
     Accepted,
+    AccessTokenIssuer,
     Cancelled,
     Declined,
     DigitalKeyHolder,
@@ -50,16 +50,16 @@ from tigress_signal.credentials import (
     decode_transfer,
     encode_transfer,
 )
-from tigress_signal.faults import crash_point
 from tigress_signal.errors import (
-    UnknownPeer,
     CredentialError,
     InvalidTransition,
     ShareError,
     ShareExpired,
     TigressSignalError,
+    UnknownPeer,
     UnknownShare,
 )
+from tigress_signal.faults import crash_point
 from tigress_signal.shares.states import Flow, Role, ShareState, next_state
 from tigress_signal.wallet.store import WalletStore, utc_now_text
 
@@ -393,7 +393,7 @@ class ShareService:
         await self.flush_replies()
 
     def _apply_once(self, conn: sqlite3.Connection, peer: str, envelope: TransferEnvelope) -> bool:
-        """Apply a message's effect unless its id was seen; False when it was dropped or refused."""
+        """Apply a message's effect unless its id was seen; False if dropped or refused."""
         message_id = str(envelope.message_id)
         share_id = str(envelope.body.share_id)
         if self._store.message_seen(conn, message_id):
@@ -417,7 +417,9 @@ class ShareService:
             conn.execute("RELEASE effect")
         return True
 
-    def _apply_message(self, conn: sqlite3.Connection, peer: str, message: TransferMessage) -> None:
+    def _apply_message(
+        self, conn: sqlite3.Connection, peer: str, message: TransferMessage
+    ) -> None:
         if isinstance(message, Offer):
             self._receive_offer(conn, peer, message)
             return
@@ -474,7 +476,9 @@ class ShareService:
         reply = KeyImportRequest(share_id=request.share_id, endorsement=endorsement)
         self._queue_reply(conn, share.peer, reply, f"Key endorsed: {share.title}")
 
-    def _import_key(self, conn: sqlite3.Connection, share: Share, endorsement: Endorsement) -> None:
+    def _import_key(
+        self, conn: sqlite3.Connection, share: Share, endorsement: Endorsement
+    ) -> None:
         holder = DigitalKeyHolder.from_private_key_pem(self._private(conn, share.share_id))
         holder.check_endorsement(endorsement, uuid.UUID(share.share_id))
         content = json.dumps(
@@ -550,7 +554,7 @@ class ShareService:
     def _envelope(self, message: TransferMessage) -> TransferEnvelope:
         return TransferEnvelope(message_id=uuid.uuid4(), sent_at=self._clock(), body=message)
 
-    # -- reading -----------------------------------------------------------------------------------
+    # -- reading ------------------------------------------------------------------------------
 
     def share(self, share_id: str) -> Share:
         """One share of this wallet.
@@ -563,7 +567,7 @@ class ShareService:
     def shares(self) -> list[Share]:
         """Every share of this wallet, newest first."""
         rows = self._store.connection.execute(
-            f"SELECT {_SHARE_COLUMNS} FROM shares ORDER BY created_at DESC"
+            f"SELECT {_SHARE_COLUMNS} FROM shares ORDER BY created_at DESC"  # noqa: S608
         ).fetchall()
         return [_share_from_row(row) for row in rows]
 
@@ -634,9 +638,7 @@ class ShareService:
         content = self.access_token_issuer().issue(
             subject=peer, scope=scope, not_before=now, not_after=now + valid_for
         )
-        provisioning = ProvisioningInformation(
-            media_type=ACCESS_TOKEN_MEDIA_TYPE, content=content
-        )
+        provisioning = ProvisioningInformation(media_type=ACCESS_TOKEN_MEDIA_TYPE, content=content)
         return await self.offer_provisioning(
             peer, provisioning, title=title, description=description, lifetime=lifetime
         )
@@ -711,7 +713,7 @@ class ShareService:
             await self._changed.wait_for(reached)
         return self.share(share_id)
 
-    # -- internals ---------------------------------------------------------------------------------
+    # -- internals ----------------------------------------------------------------------------
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -719,7 +721,8 @@ class ShareService:
 
     def _load(self, conn: sqlite3.Connection, share_id: str) -> Share:
         row = conn.execute(
-            f"SELECT {_SHARE_COLUMNS} FROM shares WHERE share_id = ?", (share_id,)
+            f"SELECT {_SHARE_COLUMNS} FROM shares WHERE share_id = ?",  # noqa: S608
+            (share_id,),
         ).fetchone()
         if row is None:
             raise UnknownShare(f"no share {share_id} in this wallet")
@@ -793,7 +796,7 @@ def _share_from_row(row: tuple[object, ...]) -> Share:
         role=row[1],  # type: ignore[arg-type]
         peer=str(row[2]),
         flow=row[3],  # type: ignore[arg-type]
-        state=ShareState(row[4]),
+        state=ShareState(str(row[4])),
         credential_format=str(row[5]),
         title=str(row[6]),
         description=str(row[7]),

@@ -147,9 +147,7 @@ class Database:
                 "PostgreSQL databases are not supported yet",
                 hint="use a sqlite: database URL",
             )
-        raise ConfigError(
-            f"unsupported database URL scheme {scheme!r}", hint="use sqlite:///PATH"
-        )
+        raise ConfigError(f"unsupported database URL scheme {scheme!r}", hint="use sqlite:///PATH")
 
     @property
     def dialect(self) -> Dialect:

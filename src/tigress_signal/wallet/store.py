@@ -157,7 +157,9 @@ class WalletStore:
         self._lock_file = lock_file
 
     @classmethod
-    def open(cls, folder: Path | str, *, create: bool = True, durable_fsync: bool = False) -> WalletStore:
+    def open(
+        cls, folder: Path | str, *, create: bool = True, durable_fsync: bool = False
+    ) -> WalletStore:
         """Open (and by default create) the wallet in ``folder``.
 
         Args:
@@ -331,7 +333,8 @@ class WalletStore:
         """Remember a peer device's registration id (the server checks it on every send)."""
         conn.execute(
             "INSERT INTO peer_devices (peer, device_id, registration_id) VALUES (?, ?, ?)"
-            " ON CONFLICT (peer, device_id) DO UPDATE SET registration_id = excluded.registration_id",
+            " ON CONFLICT (peer, device_id)"
+            " DO UPDATE SET registration_id = excluded.registration_id",
             (peer, device_id, registration_id),
         )
 
@@ -382,4 +385,6 @@ def _migrate(connection: sqlite3.Connection) -> None:
         )
     for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
         log.info("upgrading wallet schema to version %d", number)
-        connection.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
+        connection.executescript(
+            f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version={number};\nCOMMIT;"
+        )
