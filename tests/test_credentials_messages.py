@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 
+import tigress_signal.credentials.messages as messages_module
 from tigress_signal.credentials import (
     MAX_PROVISIONING_CONTENT_BYTES,
     MAX_TRANSFER_MESSAGE_BYTES,
@@ -481,12 +482,15 @@ def test_decode_does_not_echo_rejected_values(offer_bytes: bytes) -> None:
 
 
 def test_decode_rejects_oversize_before_parsing() -> None:
-    with pytest.raises(MalformedTransferMessage, match=r"81921 bytes, over the 81920-byte limit"):
-        decode_transfer(b" " * (MAX_TRANSFER_MESSAGE_BYTES + 1))
+    limit = MAX_TRANSFER_MESSAGE_BYTES
+    with pytest.raises(
+        MalformedTransferMessage, match=rf"{limit + 1} bytes, over the {limit}-byte limit"
+    ):
+        decode_transfer(b" " * (limit + 1))
 
 
-def test_offer_of_55_kib_fits_even_with_the_longest_fields() -> None:
-    content = bytes(range(256)) * (55 * 1024 // 256)
+def test_offer_of_the_largest_content_fits_even_with_the_longest_fields() -> None:
+    content = bytes(range(256)) * (MAX_PROVISIONING_CONTENT_BYTES // 256)
     longest = "\N{GRINNING FACE}"  # four bytes in UTF-8
     media_type = "a" * 127 + "/" + "b" * 127
     big = offer(
@@ -503,18 +507,20 @@ def test_offer_of_55_kib_fits_even_with_the_longest_fields() -> None:
     assert received.provisioning.content == content
 
 
-def test_encode_refuses_an_offer_over_the_message_limit() -> None:
-    # 64 KiB is a valid provisioning content, but as base64 it does not fit in 80 KiB.
+def test_encode_refuses_an_offer_over_the_message_limit(monkeypatch) -> None:
+    # Valid models always fit the real limit; a lower one shows the check is made.
+    monkeypatch.setattr(messages_module, "MAX_TRANSFER_MESSAGE_BYTES", 60 * 1024)
     big = offer(provisioning=provisioning(content=b"x" * MAX_PROVISIONING_CONTENT_BYTES))
-    with pytest.raises(CredentialError, match=r"offer message would be .* over the 81920-byte"):
+    with pytest.raises(CredentialError, match=r"offer message would be .* over the 61440-byte"):
         encode_transfer(envelope(big))
 
 
-def test_decode_rejects_an_oversize_message_that_is_otherwise_valid() -> None:
+def test_decode_rejects_an_oversize_message_that_is_otherwise_valid(monkeypatch) -> None:
+    monkeypatch.setattr(messages_module, "MAX_TRANSFER_MESSAGE_BYTES", 60 * 1024)
     content = b"x" * MAX_PROVISIONING_CONTENT_BYTES
     document = json.loads(encode_transfer(envelope(offer())))
     document["body"]["provisioning"]["content"] = base64.b64encode(content).decode()
     data = json.dumps(document, separators=(",", ":")).encode()
-    assert len(data) > MAX_TRANSFER_MESSAGE_BYTES
-    with pytest.raises(MalformedTransferMessage, match="over the 81920-byte limit"):
+    assert len(data) > 60 * 1024
+    with pytest.raises(MalformedTransferMessage, match="over the 61440-byte limit"):
         decode_transfer(data)

@@ -40,13 +40,13 @@ from tigress_signal.credentials import _signing
 from tigress_signal.errors import CredentialError, MalformedTransferMessage
 
 #: The largest encoded transfer message (envelope included) this package writes or reads:
-#: 80 KiB. The self-hosted intermediary accepts at most 96 KiB of ciphertext per message, and
-#: libsignal's encryption adds padding, a header and a MAC on top of the plaintext; 80 KiB leaves
-#: that overhead a wide margin. Note that an offer's provisioning content travels as base64
-#: (4 bytes for every 3): content up to 55 KiB always fits (even with the longest title,
-#: description, file name and media types), about 59 KiB fits beside short ones, and the
-#: 64 KiB that :class:`ProvisioningInformation` itself allows does not fit.
-MAX_TRANSFER_MESSAGE_BYTES = 80 * 1024
+#: 92 KiB. The self-hosted intermediary accepts at most 96 KiB of ciphertext per message, and
+#: libsignal adds at most about 3 KB on top of the plaintext (a PreKey message carries the
+#: 1,568-byte Kyber ciphertext, keys and ids; every message adds padding, a header and a MAC).
+#: An offer's provisioning content travels as base64 (4 bytes for every 3), so the 64 KiB that
+#: :class:`ProvisioningInformation` allows takes 85.3 KiB, leaving room for the longest title,
+#: description, file name and media types.
+MAX_TRANSFER_MESSAGE_BYTES = 92 * 1024
 
 #: The largest provisioning content (the credential's bytes) a model holds: 64 KiB.
 MAX_PROVISIONING_CONTENT_BYTES = 64 * 1024

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
+from collections.abc import Iterator
 from types import TracebackType
 
 import uvicorn
@@ -32,7 +34,7 @@ _START_TIMEOUT = 30.0
 
 
 async def serve(config: IntermediaryConfig, *, verifier: SignatureVerifier | None = None) -> None:
-    """Run the intermediary until the process gets SIGINT or SIGTERM.
+    """Run the intermediary until the process gets SIGINT or SIGTERM, then stop cleanly.
 
     Args:
         config: the server's settings (``host``, ``port``, ``database_url``, limits).
@@ -44,11 +46,21 @@ async def serve(config: IntermediaryConfig, *, verifier: SignatureVerifier | Non
     """
     app = create_app(config, verifier=verifier)
     sock = listen(config.host, config.port)
-    server = uvicorn.Server(_uvicorn_config(app, config))
+    server = _Server(_uvicorn_config(app, config))
+    loop = asyncio.get_running_loop()
+    handled: list[signal.Signals] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # Not every loop supports signal handlers (e.g. outside the main thread); there the
+        # caller stops the server by cancelling this coroutine.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signum, _request_exit, server, signum)
+            handled.append(signum)
     logger.info("listening on %s", _url_of(sock))
     try:
         await server.serve(sockets=[sock])
     finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
         sock.close()
     if not server.started:
         raise _startup_error(app)
@@ -91,7 +103,7 @@ class IntermediaryServer:
         """
         self._socket = listen(self.config.host, self.config.port)
         self.url = _url_of(self._socket)
-        self._server = uvicorn.Server(_uvicorn_config(self.app, self.config))
+        self._server = _Server(_uvicorn_config(self.app, self.config))
         self._task = asyncio.create_task(
             self._server.serve(sockets=[self._socket]), name="intermediary-server"
         )
@@ -130,6 +142,27 @@ class IntermediaryServer:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its own signal handling.
+
+    uvicorn swaps the process's signal handlers while it serves and raises the caught signal
+    again when it stops, which turns a requested stop into a KeyboardInterrupt for the
+    caller. :func:`serve` installs its own handlers instead, and an embedded server leaves the
+    process's handlers alone.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _request_exit(server: uvicorn.Server, signum: signal.Signals) -> None:
+    logger.info("received %s; stopping", signum.name)
+    if server.should_exit:
+        server.force_exit = True  # a second signal: stop waiting for connections
+    server.should_exit = True
 
 
 def listen(host: str, port: int) -> socket.socket:
