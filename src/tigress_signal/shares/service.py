@@ -291,9 +291,9 @@ class ShareService:
             ShareExpired: the offer has expired.
         """
         started = time.perf_counter()
+        self._expire_if_due(share_id)
         with self._store.transaction() as conn:
             share = self._load(conn, share_id)
-            self._check_not_expired(conn, share)
             new_state = next_state(share.role, share.flow, share.state, "user:accept")
             offer = self._stored_offer(conn, share_id)
             if share.flow == "stateless":
@@ -749,6 +749,16 @@ class ShareService:
             "UPDATE shares SET state = ?, updated_at = ? WHERE share_id = ?",
             (state.value, utc_now_text(), share_id),
         )
+
+    def _expire_if_due(self, share_id: str) -> None:
+        """Record the expiry and raise ShareExpired if the share's time is up."""
+        with self._store.transaction() as conn:
+            share = self._load(conn, share_id)
+            due = share.expires_at <= self._clock() and not share.state.is_final
+            if due:
+                self._set_state(conn, share_id, ShareState.EXPIRED)
+        if due:
+            raise ShareExpired(f"share {share_id} expired at {share.expires_at.isoformat()}")
 
     def _check_not_expired(self, conn: sqlite3.Connection, share: Share) -> None:
         if share.expires_at <= self._clock() and not share.state.is_final:
