@@ -8,7 +8,9 @@ direction alternating so the ratchet takes a DH step every time. Three measureme
   (WAL); every encrypt and every decrypt commits its record changes in one transaction before the
   next step, exactly as a wallet does;
 * Python, N conversations: the same two wallets run N conversations (different peers) at once,
-  so each sidecar has calls for several peers in flight.
+  so each sidecar has calls for several peers in flight;
+* diagnostic: Python, 1 conversation, records kept in memory instead of SQLite, to show how much
+  of the gap is the durable commits and how much the round trips to the sidecars.
 
 The headline ratio is the like-for-like one: Python with 1 conversation over raw libsignal,
 which also runs one conversation, each step waiting for the previous one.
@@ -17,6 +19,7 @@ which also runs one conversation, each step waiting for the previous one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -24,8 +27,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from tigress_signal.bridge.libsignal import (
     LibsignalBridge,
@@ -33,7 +38,7 @@ from tigress_signal.bridge.libsignal import (
     ProtocolAddress,
     locate_sidecar,
 )
-from tigress_signal.bridge.records import RecordChange
+from tigress_signal.bridge.records import RecordChange, RecordKind
 from tigress_signal.wallet.store import WalletStore
 
 LAST_RESORT_KYBER_ID = 0xFFFFFF
@@ -58,15 +63,52 @@ class RunResult:
     raw: float
     sequential: float
     concurrent: float
+    in_memory: float
+
+
+class Store(Protocol):
+    """The part of the wallet store the benchmark uses."""
+
+    def load_record(self, kind: RecordKind, key: str) -> bytes | None: ...
+
+    def transaction(self) -> contextlib.AbstractContextManager[Any]: ...
+
+    def apply_changes(self, conn: Any, changes: Iterable[RecordChange]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MemoryStore:
+    """Records in a dict: the diagnostic run without durable commits."""
+
+    def __init__(self) -> None:
+        self.records: dict[tuple[str, str], bytes] = {}
+
+    def load_record(self, kind: RecordKind, key: str) -> bytes | None:
+        return self.records.get((kind, key))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[object]:
+        yield None
+
+    def apply_changes(self, conn: Any, changes: Iterable[RecordChange]) -> None:
+        for change in changes:
+            if change.value is None:
+                self.records.pop((change.kind, change.key), None)
+            else:
+                self.records[(change.kind, change.key)] = change.value
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass
 class Party:
-    """One wallet: its sidecar and its durable store."""
+    """One wallet: its sidecar and its store."""
 
     name: str
     bridge: LibsignalBridge
-    store: WalletStore
+    store: Store
     identity_key: bytes
     bundles: list[PreKeyBundle]
 
@@ -97,9 +139,12 @@ def run_raw(settings: Settings) -> float:
     return float(json.loads(output)["opsPerSec"])
 
 
-async def make_party(folder: Path, name: str, conversations: int) -> Party:
-    """A wallet with a sidecar, an identity and one-time keys for every conversation."""
-    store = WalletStore.open(folder / name)
+async def make_party(folder: Path | None, name: str, conversations: int) -> Party:
+    """A wallet with a sidecar, an identity and one-time keys for every conversation.
+
+    With ``folder`` None the records stay in memory.
+    """
+    store: Store = MemoryStore() if folder is None else WalletStore.open(folder / name)
     bridge = LibsignalBridge(record_source=store)
     await bridge.start()
     identity = await bridge.generate_identity()
@@ -162,7 +207,7 @@ class Conversations:
         self.sent = [0] * count
 
     @classmethod
-    async def start(cls, folder: Path, count: int, payload: bytes) -> Conversations:
+    async def start(cls, folder: Path | None, count: int, payload: bytes) -> Conversations:
         alice = await make_party(folder, "alice", count)
         bob = await make_party(folder, "bob", count)
         # Conversation i is between peers "alice-i" and "bob-i": different peers for each
@@ -209,6 +254,7 @@ async def run(settings: Settings) -> list[RunResult]:
     results: list[RunResult] = []
     with tempfile.TemporaryDirectory(prefix="tigress-bench-") as tmp:
         conversations = await Conversations.start(Path(tmp), settings.conversations, payload)
+        in_memory = await Conversations.start(None, 1, payload)
         try:
             for n in range(1, settings.runs + 1):
                 raw = await asyncio.to_thread(run_raw, settings)
@@ -216,15 +262,18 @@ async def run(settings: Settings) -> list[RunResult]:
                 concurrent = await conversations.measure(
                     settings.seconds, settings.warmup, settings.conversations
                 )
-                results.append(RunResult(raw, sequential, concurrent))
+                memory = await in_memory.measure(settings.seconds, settings.warmup, 1)
+                results.append(RunResult(raw, sequential, concurrent, memory))
                 print(
                     f"[bench] run {n}/{settings.runs}: raw {raw:,.0f} ops/s, "
                     f"python 1 conversation {sequential:,.0f} ops/s, "
-                    f"python {settings.conversations} conversations {concurrent:,.0f} ops/s",
+                    f"python {settings.conversations} conversations {concurrent:,.0f} ops/s, "
+                    f"python 1 conversation in memory {memory:,.0f} ops/s",
                     flush=True,
                 )
         finally:
             await conversations.aclose()
+            await in_memory.aclose()
     return results
 
 
@@ -233,6 +282,7 @@ def report(settings: Settings, results: list[RunResult]) -> dict[str, object]:
     raw = statistics.median(r.raw for r in results)
     sequential = statistics.median(r.sequential for r in results)
     concurrent = statistics.median(r.concurrent for r in results)
+    memory = statistics.median(r.in_memory for r in results)
     ratio = sequential / raw
     concurrent_ratio = concurrent / raw
     n = settings.conversations
@@ -250,6 +300,10 @@ def report(settings: Settings, results: list[RunResult]) -> dict[str, object]:
         f"  Python API + SQLite commits, {n} conversations at once {concurrent:>7,.0f} ops/s"
         f"   ratio {concurrent_ratio:.2f}"
     )
+    print(
+        f"  diagnostic: Python API, records in memory, 1 conv. {memory:>9,.0f} ops/s"
+        f"   ratio {memory / raw:.2f}"
+    )
     verdict = "meets" if ratio >= TARGET_RATIO else "misses"
     print(
         f"Headline ratio (1 conversation vs raw, like for like): {ratio:.2f}, "
@@ -259,7 +313,12 @@ def report(settings: Settings, results: list[RunResult]) -> dict[str, object]:
     return {
         "settings": settings.__dict__,
         "runs": [r.__dict__ for r in results],
-        "median_ops_per_sec": {"raw": raw, "sequential": sequential, "concurrent": concurrent},
+        "median_ops_per_sec": {
+            "raw": raw,
+            "sequential": sequential,
+            "concurrent": concurrent,
+            "in_memory_sequential": memory,
+        },
         "ratio_sequential": ratio,
         "ratio_concurrent": concurrent_ratio,
         "cpus": os.cpu_count(),

@@ -110,7 +110,10 @@ class Party {
     const signedSig = this.identity.privateKey.sign(signed.getPublicKey().serialize());
     const kemSig = this.identity.privateKey.sign(kem.getPublicKey().serialize());
     this.preKeys.set(1, S.PreKeyRecord.new(1, ec.getPublicKey(), ec));
-    this.signedPreKeys.set(1, S.SignedPreKeyRecord.new(1, Date.now(), signed.getPublicKey(), signed, signedSig));
+    this.signedPreKeys.set(
+      1,
+      S.SignedPreKeyRecord.new(1, Date.now(), signed.getPublicKey(), signed, signedSig),
+    );
     this.kyberPreKeys.set(1, S.KyberPreKeyRecord.new(1, Date.now(), kem, kemSig));
     return S.PreKeyBundle.new(
       this.registrationId, 1, 1, ec.getPublicKey(), 1, signed.getPublicKey(), signedSig,
@@ -119,7 +122,9 @@ class Party {
   }
 
   async encrypt(to, plaintext) {
-    return S.signalEncrypt(plaintext, to.address, this.address, this.sessionStore, this.identityStore);
+    return S.signalEncrypt(
+      plaintext, to.address, this.address, this.sessionStore, this.identityStore,
+    );
   }
 
   async decrypt(from, message) {
@@ -160,7 +165,9 @@ async function main() {
   // Session setup (PQXDH), then one reply so both sides have a sending chain.
   const alice = new Party('alice');
   const bob = new Party('bob');
-  await S.processPreKeyBundle(bob.bundle(), bob.address, alice.address, alice.sessionStore, alice.identityStore);
+  await S.processPreKeyBundle(
+    bob.bundle(), bob.address, alice.address, alice.sessionStore, alice.identityStore,
+  );
   await exchange(alice, bob, payload);
   await exchange(bob, alice, payload);
 

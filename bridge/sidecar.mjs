@@ -24,8 +24,8 @@ import {
   RecordCache,
 } from './stores.mjs';
 
-const LIBSIGNAL_VERSION = createRequire(import.meta.url)('@signalapp/libsignal-client/package.json')
-  .version;
+const require = createRequire(import.meta.url);
+const LIBSIGNAL_VERSION = require('@signalapp/libsignal-client/package.json').version;
 const FINGERPRINT_ITERATIONS = 5200;
 const MAX_REGISTRATION_ID = 0x3fff;
 const MAX_KEY_ID = 0x7fffffff;

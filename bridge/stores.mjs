@@ -311,7 +311,8 @@ export class CallKyberPreKeyStore extends S.KyberPreKeyStore {
       this.records.put('kyber_prekey', String(kyberId), null);
       return;
     }
-    const useKey = `${kyberId}:${signedPreKeyId}:${Buffer.from(baseKey.serialize()).toString('base64')}`;
+    const base = Buffer.from(baseKey.serialize()).toString('base64');
+    const useKey = `${kyberId}:${signedPreKeyId}:${base}`;
     if ((await this.records.get('kyber_used', useKey)) !== null) {
       throw new Error(KYBER_REPLAY);
     }

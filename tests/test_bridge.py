@@ -33,6 +33,7 @@ from tigress_signal.bridge.libsignal import (
 )
 from tigress_signal.bridge.records import IdentityChanged, RecordChange
 from tigress_signal.errors import (
+    BridgeError,
     BridgeUnavailable,
     DuplicateMessage,
     InvalidMessage,
@@ -658,3 +659,47 @@ async def test_calls_before_open_are_refused() -> None:
             await bridge.encrypt(ProtocolAddress("bob"), b"x")
         with pytest.raises(SignalProtocolError, match="open"):
             await bridge.generate_prekeys(1, 1)
+
+
+class FailingRecords(BridgeMemoryRecords):
+    """A wallet store that cannot read (a broken disk, a locked database)."""
+
+    def load_record(self, kind: Any, key: str) -> bytes | None:
+        raise OSError("disk unreadable")
+
+
+async def test_a_record_source_that_fails_makes_the_call_fail_not_the_bridge(
+    bridge_wallets: BridgeWalletFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    alice = await bridge_wallets("alice")
+    bob = await bridge_wallets("bob")
+    await start_session(alice, bob.bundle(), bob)
+    async with LibsignalBridge(FailingRecords()) as broken:
+        await broken.open(
+            alice.identity.identity_key_pair, alice.identity.registration_id, alice.address
+        )
+        with pytest.raises(BridgeError) as caught:
+            await broken.encrypt(bob.address, b"x")
+        assert not isinstance(caught.value, (SignalProtocolError, BridgeUnavailable))
+        assert "disk unreadable" in caplog.text
+        assert (await broken.ping()).pid == broken.pid
+
+
+def test_bundle_from_the_servers_json() -> None:
+    device = {
+        "deviceId": 2,
+        "registrationId": 77,
+        "signedPreKey": {"keyId": 1, "publicKey": "BQ==", "signature": "AQI="},
+        "preKey": None,
+        "pqPreKey": {"keyId": 9, "publicKey": "CA==", "signature": "AwQ="},
+    }
+    bundle = PreKeyBundle.from_server("BQE=", device)
+    assert bundle.device_id == 2 and bundle.registration_id == 77
+    assert bundle.identity_key == b"\x05\x01"
+    assert bundle.prekey is None
+    assert bundle.pq_prekey.key_id == 9 and bundle.pq_prekey.signature == b"\x03\x04"
+    assert bundle.to_json()["pqPreKey"] == device["pqPreKey"]
+    with pytest.raises(InvalidMessage):
+        PreKeyBundle.from_server("not base64!", device)
+    with pytest.raises(InvalidMessage):
+        PreKeyBundle.from_server("BQE=", {"deviceId": 1})

@@ -7,6 +7,7 @@ catch-all turns an unexpected exception into a JSON 500 and logs it, and neither
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -71,12 +72,7 @@ async def _check(
 ) -> None:
     failures = []
     for description, body, allowed in cases:
-        if isinstance(body, bytes):
-            content = body
-        else:
-            import json
-
-            content = json.dumps(body).encode()
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
         response = await http.request(
             method,
             path,
@@ -296,6 +292,7 @@ async def test_unknown_routes_and_methods_answer_json(server, device):
             "DELETE /v1/accounts": await http.delete("/v1/accounts"),
             "GET /v1/messages/{uuid}": await http.get(f"/v1/messages/{device.uuid}/x"),
             "HTTP GET on the WebSocket": await http.get("/v1/websocket/", auth=device.auth),
+            "trailing slash": await http.get("/v1/accounts/whoami/", auth=device.auth),
         }
     for name, response in answers.items():
         assert response.status_code in (404, 405), name
@@ -305,13 +302,15 @@ async def test_unknown_routes_and_methods_answer_json(server, device):
 
 
 async def test_a_request_body_over_the_limit_is_413(tmp_path):
-    async with running_server(tmp_path, max_body_bytes=140 * 1024) as server:
-        async with raw_client(server.url) as http:
-            response = await http.post(
-                "/v1/accounts",
-                content=b"{" + b" " * (141 * 1024) + b"}",
-                headers={"Content-Type": "application/json"},
-            )
+    async with (
+        running_server(tmp_path, max_body_bytes=140 * 1024) as server,
+        raw_client(server.url) as http,
+    ):
+        response = await http.post(
+            "/v1/accounts",
+            content=b"{" + b" " * (141 * 1024) + b"}",
+            headers={"Content-Type": "application/json"},
+        )
     assert response.status_code == 413 and _is_error_body(response)
 
 
@@ -321,10 +320,12 @@ async def test_an_unexpected_exception_is_a_logged_json_500(tmp_path, caplog):
             raise RuntimeError("a bug")
 
     caplog.set_level(logging.INFO)
-    async with running_server(tmp_path, verifier=BrokenVerifier()) as server:
-        async with raw_client(server.url) as http:
-            response = await http.post("/v1/accounts", json=_account_body())
-            health = await http.get("/health")
+    async with (
+        running_server(tmp_path, verifier=BrokenVerifier()) as server,
+        raw_client(server.url) as http,
+    ):
+        response = await http.post("/v1/accounts", json=_account_body())
+        health = await http.get("/health")
     assert response.status_code == 500
     assert response.json() == {"error": "internal", "message": "the server failed; see its log"}
     assert health.status_code == 200  # the server keeps serving
@@ -337,9 +338,11 @@ async def test_a_verifier_outage_is_503_not_500(tmp_path):
         async def verify_signature(self, public_key, message, signature):
             raise BridgeUnavailable("sidecar gone")
 
-    async with running_server(tmp_path, verifier=DownVerifier()) as server:
-        async with raw_client(server.url) as http:
-            response = await http.post("/v1/accounts", json=_account_body())
+    async with (
+        running_server(tmp_path, verifier=DownVerifier()) as server,
+        raw_client(server.url) as http,
+    ):
+        response = await http.post("/v1/accounts", json=_account_body())
     assert response.status_code == 503
     assert response.json()["error"] == "unavailable"
     assert response.headers["retry-after"] == "5"

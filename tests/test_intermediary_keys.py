@@ -69,7 +69,7 @@ async def test_upload_with_a_bad_signature_is_422_and_changes_nothing(alice, tmp
         {"signed_prekey": alice.keys.signed_prekey(7), "pq_pre_keys": [bad]},
     ]:
         with pytest.raises(ServerApiError) as caught:
-            await alice.client.upload_keys(**attempt)  # type: ignore[arg-type]
+            await alice.client.upload_keys(**attempt)
         assert caught.value.status == 422
         assert caught.value.body["error"] == "invalid_signature"
     counts = await alice.client.prekey_counts()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,7 +84,7 @@ async def server(tmp_path: Path) -> AsyncIterator[IntermediaryServer]:
 
 
 @pytest.fixture
-async def make_wallet() -> AsyncIterator:
+async def make_wallet() -> AsyncIterator[Callable[..., Awaitable[Wallet]]]:
     made: list[Wallet] = []
 
     async def make() -> Wallet:

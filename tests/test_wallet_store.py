@@ -46,12 +46,12 @@ def test_a_failed_transaction_leaves_records_unchanged(tmp_path):
 
 
 def test_unknown_record_kind_is_refused(tmp_path):
-    with WalletStore.open(tmp_path / "w") as store:
-        with (
-            pytest.raises(StoreError, match="unknown libsignal record kind"),
-            store.transaction() as conn,
-        ):
-            store.apply_changes(conn, [RecordChange("bogus", "x", b"")])  # type: ignore[arg-type]
+    with (
+        WalletStore.open(tmp_path / "w") as store,
+        pytest.raises(StoreError, match="unknown libsignal record kind"),
+        store.transaction() as conn,
+    ):
+        store.apply_changes(conn, [RecordChange("bogus", "x", b"")])  # type: ignore[arg-type]
 
 
 def test_counters_never_hand_out_an_id_twice_across_reopen(tmp_path):

@@ -73,6 +73,8 @@ _SETUP_HINT = "run make setup"
 # One line can carry a batch of Kyber prekeys (about 8 KB each in base64).
 _LINE_LIMIT = 64 * 1024 * 1024
 _STDERR_KEPT = 20
+# Above this many bytes waiting for the sidecar, a caller waits for the pipe to drain.
+_WRITE_BUFFER_HIGH = 1024 * 1024
 
 
 class MessageType(enum.IntEnum):
@@ -368,6 +370,7 @@ class LibsignalBridge:
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._abandoned: set[int] = set()
         self._unanswered: set[int] = set()
+        self._outgoing: list[bytes] = []
         self._ids = itertools.count(1)
         self._start_lock = asyncio.Lock()
         self._peer_locks: dict[str, _PeerLock] = {}
@@ -687,11 +690,33 @@ class LibsignalBridge:
         stdin = process.stdin
         if stdin is None or not self._alive or stdin.is_closing():
             raise BridgeUnavailable("the libsignal sidecar is not running")
+        self._send(process, line.encode() + b"\n")
+        if stdin.transport.get_write_buffer_size() > _WRITE_BUFFER_HIGH:
+            try:
+                await stdin.drain()
+            except (ConnectionError, RuntimeError) as exc:
+                raise BridgeUnavailable("the libsignal sidecar stopped reading its input") from exc
+
+    def _send(self, process: asyncio.subprocess.Process, data: bytes) -> None:
+        # Lines written in one event-loop turn go out in one write: when several conversations
+        # are in flight, the sidecar wakes once for the lot instead of once per request.
+        if process is not self._process:
+            return  # an answer for a sidecar that has been replaced
+        self._outgoing.append(data)
+        if len(self._outgoing) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        data, self._outgoing = b"".join(self._outgoing), []
+        process = self._process
+        stdin = None if process is None else process.stdin
+        if process is None or stdin is None or stdin.is_closing():
+            return  # the sidecar is gone; its reader fails the calls that were waiting
         try:
-            stdin.write(line.encode() + b"\n")
-            await stdin.drain()
-        except (ConnectionError, RuntimeError) as exc:
-            raise BridgeUnavailable("the libsignal sidecar stopped reading its input") from exc
+            stdin.write(data)
+        except (ConnectionError, RuntimeError):
+            logger.warning("writing to the libsignal sidecar failed; it will be restarted")
+            self._kill(process)
 
     # -- the sidecar process -----------------------------------------------------------------
 
@@ -717,6 +742,7 @@ class LibsignalBridge:
             raise BridgeUnavailable(f"Node.js (node) was not found on the PATH; {_SETUP_HINT}")
         script = locate_sidecar(self._sidecar)
         self._stderr_tail.clear()
+        self._outgoing = []
         try:
             process = await asyncio.create_subprocess_exec(
                 node,
@@ -866,9 +892,7 @@ class LibsignalBridge:
             else:
                 encoded = None if value is None else _b64(value)
                 answer = {"id": load_id, "result": {"value": encoded}}
-        line = json.dumps(answer, separators=(",", ":")).encode() + b"\n"
-        if process.stdin is not None and not process.stdin.is_closing():
-            process.stdin.write(line)
+        self._send(process, json.dumps(answer, separators=(",", ":")).encode() + b"\n")
 
     def _evict_changes(self, process: asyncio.subprocess.Process, message: dict[str, Any]) -> None:
         changes = (message.get("result") or {}).get("changes") or []
@@ -878,7 +902,7 @@ class LibsignalBridge:
         request_id = next(self._ids)
         self._unanswered.add(request_id)
         request = {"id": request_id, "method": "evict", "params": {"records": records}}
-        process.stdin.write(json.dumps(request, separators=(",", ":")).encode() + b"\n")
+        self._send(process, json.dumps(request, separators=(",", ":")).encode() + b"\n")
         logger.info("evicted %d records of a cancelled call from the sidecar", len(records))
 
 

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tigress_signal.intermediary.api import json_response, read_entity
-from tigress_signal.intermediary.auth import hash_new_password, new_password
+from tigress_signal.intermediary.auth import new_password
 from tigress_signal.intermediary.context import context_of
 from tigress_signal.intermediary.entities import AccountCreated, AccountCreateRequest, WhoAmI
 from tigress_signal.intermediary.signatures import check_prekey_signatures
@@ -43,7 +43,7 @@ async def create_account(request: Request) -> Response:
 
     account_id = str(uuid.uuid4())
     password = new_password()
-    password_hash = await hash_new_password(password)
+    password_hash = await context.authenticator.hash_new_password(password)
     now = int(time.time() * 1000)
     async with context.db.transaction() as conn:
         await conn.execute(

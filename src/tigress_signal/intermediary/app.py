@@ -97,12 +97,16 @@ def create_app(
                 app.state.intermediary = None
                 logger.info("intermediary stopping")
 
-    return Starlette(
+    app = Starlette(
         routes=_routes(),
         middleware=[Middleware(RequestLogMiddleware)],
         exception_handlers={HTTPException: _http_exception, ApiError: _api_error},
         lifespan=lifespan,
     )
+    # A path with an extra trailing slash is an unknown path (a JSON 404), not a redirect
+    # that clients would have to follow with their credentials.
+    app.router.redirect_slashes = False
+    return app
 
 
 def _routes() -> list[BaseRoute]:
@@ -128,13 +132,15 @@ async def _health(request: Request) -> Response:
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
     # Starlette's own errors: unknown route, wrong method.
-    assert isinstance(exc, HTTPException)
+    if not isinstance(exc, HTTPException):  # pragma: no cover - registered for this type only
+        raise exc
     code = _HTTP_ERROR_CODES.get(exc.status_code, "error")
     return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
+    if not isinstance(exc, ApiError):  # pragma: no cover - registered for this type only
+        raise exc
     return exc.response()
 
 

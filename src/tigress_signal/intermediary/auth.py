@@ -160,6 +160,15 @@ class Authenticator:
         self._remember_token(token)
         return device
 
+    async def hash_new_password(self, password: str) -> str:
+        """:func:`hash_password` in a worker thread, sharing the limit on concurrent hashes.
+
+        Account creation needs no credentials, so without the shared limit a flood of
+        creations could take every core.
+        """
+        async with self._kdf_slots:
+            return await asyncio.to_thread(hash_password, password)
+
     def remember(self, stored: str, password: str) -> None:
         """Record a password as verified without hashing it (the server just made it)."""
         self._remember_token(self._cache_token(stored, password))
@@ -175,11 +184,6 @@ class Authenticator:
         self._cache.move_to_end(token)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-
-
-async def hash_new_password(password: str) -> str:
-    """:func:`hash_password` in a worker thread, so the event loop keeps serving."""
-    return await asyncio.to_thread(hash_password, password)
 
 
 def _parse_basic(authorization: str | None) -> tuple[DeviceAddress, str]:

@@ -3,13 +3,14 @@
 The listening socket is bound here rather than by uvicorn, so that a busy port or a bad address
 is reported as a :class:`ConfigError` instead of ending the process, and so that port 0 can be
 used to get a free port (tests, the demo). A failure while starting (the database, the
-sidecar) is raised to the caller as the original exception.
+sidecar) is raised to the caller as the original exception, not as uvicorn's ``SystemExit``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -57,7 +58,7 @@ async def serve(config: IntermediaryConfig, *, verifier: SignatureVerifier | Non
             handled.append(signum)
     logger.info("listening on %s", _url_of(sock))
     try:
-        await server.serve(sockets=[sock])
+        await _run_server(server, sock)
     finally:
         for signum in handled:
             loop.remove_signal_handler(signum)
@@ -105,7 +106,7 @@ class IntermediaryServer:
         self.url = _url_of(self._socket)
         self._server = _Server(_uvicorn_config(self.app, self.config))
         self._task = asyncio.create_task(
-            self._server.serve(sockets=[self._socket]), name="intermediary-server"
+            _run_server(self._server, self._socket), name="intermediary-server"
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _START_TIMEOUT
@@ -158,6 +159,17 @@ class _Server(uvicorn.Server):
         yield
 
 
+async def _run_server(server: uvicorn.Server, sock: socket.socket) -> None:
+    """Serve on ``sock`` until told to stop; returns early when the start failed."""
+    try:
+        await server.serve(sockets=[sock])
+    except SystemExit:
+        # uvicorn ends the process when the app's start-up fails; we report the cause,
+        # kept by the app's lifespan, to our caller instead.
+        if server.started:
+            raise
+
+
 def _request_exit(server: uvicorn.Server, signum: signal.Signals) -> None:
     logger.info("received %s; stopping", signum.name)
     if server.should_exit:
@@ -186,6 +198,11 @@ def listen(host: str, port: int) -> socket.socket:
             f"cannot listen on {host}:{port}: {exc.strerror or exc}",
             hint="choose another port, or stop the process using it",
         ) from exc
+    if not ipaddress.ip_address(str(address[0]).partition("%")[0]).is_loopback:
+        # Device passwords travel in every request; beyond this machine they need TLS.
+        logger.warning(
+            "listening on %s, not a loopback address: serve it behind a TLS proxy", host
+        )
     return sock
 
 
@@ -201,7 +218,6 @@ def _uvicorn_config(app: Starlette, config: IntermediaryConfig) -> uvicorn.Confi
         access_log=False,
         server_header=False,
         timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN,
-        h11_max_incomplete_event_size=64 * 1024,
     )
 
 

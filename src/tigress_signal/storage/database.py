@@ -281,9 +281,13 @@ class _SqliteBackend:
 
     @classmethod
     async def connect(cls, path: str, busy_timeout_ms: int) -> _SqliteBackend:
-        # isolation_level=None: the sqlite3 module must not open transactions on its own;
-        # we issue BEGIN IMMEDIATE / COMMIT / ROLLBACK ourselves.
+        # Open the file once with plain sqlite3 first: when aiosqlite fails to open a file it
+        # stops its worker thread without waiting, and that thread later reports to an event
+        # loop that may be gone. A failure here leaves no thread behind.
         try:
+            await asyncio.to_thread(_probe, path)
+            # isolation_level=None: the sqlite3 module must not open transactions on its own;
+            # we issue BEGIN IMMEDIATE / COMMIT / ROLLBACK ourselves.
             conn = await aiosqlite.connect(path, isolation_level=None)
         except sqlite3.Error as exc:
             raise StoreError(
@@ -346,6 +350,12 @@ class _SqliteBackend:
             # The transaction may already be gone (SQLite rolls back by itself on some
             # errors); the original exception is what the caller needs to see.
             logger.debug("ROLLBACK failed", exc_info=True)
+
+
+def _probe(path: str) -> None:
+    """Open and close a SQLite file (creating it if needed); raises sqlite3.Error if it can't."""
+    if path != ":memory:":
+        sqlite3.connect(path).close()
 
 
 def _store_error(exc: sqlite3.Error) -> StoreError:
