@@ -213,11 +213,10 @@ async def test_a_digital_key_is_endorsed_once(people, caplog):
     assert key.endorsement.public_key != second.public_key
 
 
-async def test_offer_to_an_unknown_account_fails_and_cancels_the_share(people):
+async def test_offer_to_an_unknown_account_fails_and_stores_nothing(people):
     alice, _, _ = people
     with pytest.raises(UnknownPeer):
         await alice.shares.offer_provisioning(str(uuid.uuid4()), token(), title="Nobody")
-    (share,) = alice.shares.shares()
-    assert share.state is ShareState.CANCELLED
-    pending = alice.store.connection.execute("SELECT count(*) FROM pending_replies").fetchone()
+    assert alice.shares.shares() == []
+    pending = alice.store.connection.execute("SELECT count(*) FROM outbox").fetchone()
     assert pending[0] == 0

@@ -4,6 +4,13 @@ A :class:`CredentialChannel` sends an encoded transfer message to a peer and yie
 transfer messages that arrive. It knows nothing about credentials or shares: the share logic
 encodes and decodes messages, and the channel only moves bytes end-to-end encrypted.
 
+Sending is in two phases so that a wallet can store a message's ciphertext together with the
+share change that caused it: :meth:`CredentialChannel.seal` encrypts (and holds the peer's
+session until :meth:`CredentialChannel.settle`), the wallet commits the sealed message to its
+outbox in the same transaction as the share change, and :meth:`CredentialChannel.deliver`
+hands the stored bytes over, as often as it takes: a resend after a crash sends the same bytes,
+which the receiving side recognises as a copy.
+
 Receiving is at-least-once by design. A channel hands out an :class:`IncomingMessage`, the
 wallet stores the message's effect together with ``incoming.record_changes`` (libsignal state
 the decryption produced) in one transaction, and only then calls :meth:`acknowledge`, after
@@ -40,6 +47,22 @@ class IncomingMessage:
     identity_changes: Sequence[IdentityChanged] = field(default=())
 
 
+@dataclass(frozen=True, slots=True)
+class SealedMessage:
+    """A transfer message made ready for one peer, to be stored before it is delivered.
+
+    Attributes:
+        peer: the recipient.
+        wire: what the channel will deliver (for the self-hosted channel, the ciphertexts for
+            each of the peer's devices); opaque to the wallet, which stores it in its outbox.
+        record_changes: libsignal records the sealing changed, to be committed with it.
+    """
+
+    peer: str
+    wire: bytes
+    record_changes: Sequence[RecordChange] = field(default=())
+
+
 class CredentialChannel(abc.ABC):
     """Moves encoded transfer messages between wallets.
 
@@ -65,6 +88,42 @@ class CredentialChannel(abc.ABC):
             UntrustedIdentity: the peer's identity key is not trusted for sending.
         """
 
+    async def seal(
+        self,
+        peer: str,
+        payload: bytes,
+        *,
+        summary: str = "",
+        during: IncomingMessage | None = None,
+    ) -> SealedMessage:
+        """Make ``payload`` ready for ``peer``; the caller stores it, then calls :meth:`settle`.
+
+        Channels that encrypt here hold the peer's session from this call until
+        :meth:`settle`, so nothing else changes it before the caller has committed. This default
+        does no encryption: the wire form is the payload itself, and :meth:`deliver` sends it.
+
+        Args:
+            peer: the recipient.
+            payload: the encoded transfer message.
+            summary: one human-readable line for channels a person may also read.
+            during: the incoming message being processed when this reply is sealed; its peer's
+                session is already held and is not taken twice.
+        """
+        return SealedMessage(peer, _plain_wire(payload, summary))
+
+    async def settle(self, sealed: SealedMessage, *, stored: bool) -> None:
+        """Release what :meth:`seal` held; when not ``stored``, forget what it changed."""
+
+    async def deliver(self, sealed: SealedMessage) -> None:
+        """Hand a stored sealed message over; may be called again for the same message.
+
+        Raises:
+            UnknownPeer: the recipient does not exist on this channel (final).
+            ChannelError: not delivered now; the caller keeps it and tries again later.
+        """
+        payload, summary = _unplain_wire(sealed.wire)
+        await self.send(sealed.peer, payload, summary=summary)
+
     @abc.abstractmethod
     def receive(self) -> AsyncIterator[IncomingMessage]:
         """Yield incoming transfer messages until the channel is closed.
@@ -84,3 +143,13 @@ class CredentialChannel(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Stop receiving and free the channel's connections."""
+
+
+def _plain_wire(payload: bytes, summary: str) -> bytes:
+    # The summary travels in front of the payload, separated by a NUL it cannot contain.
+    return summary.replace("\0", " ").encode("utf-8") + b"\0" + payload
+
+
+def _unplain_wire(wire: bytes) -> tuple[bytes, str]:
+    summary, _, payload = wire.partition(b"\0")
+    return payload, summary.decode("utf-8", errors="replace")

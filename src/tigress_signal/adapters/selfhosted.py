@@ -19,14 +19,17 @@ Note:
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from tigress_signal.bridge.libsignal import LibsignalBridge, ProtocolAddress
 from tigress_signal.bridge.records import RecordChange
-from tigress_signal.channel import CredentialChannel, IncomingMessage
+from tigress_signal.channel import CredentialChannel, IncomingMessage, SealedMessage
 from tigress_signal.errors import (
     BridgeUnavailable,
     ChannelClosed,
@@ -79,17 +82,48 @@ class SelfHostedChannel(CredentialChannel):
         self._account = account
         self._peer_locks: dict[str, asyncio.Lock] = {}
         self._in_flight: dict[str, _Delivery] = {}
+        self._sealed: dict[int, asyncio.Lock | None] = {}
         self._closed = asyncio.Event()
 
     # -- sending --------------------------------------------------------------------------------
 
     async def send(self, peer: str, payload: bytes, *, summary: str = "") -> None:
-        """Encrypt ``payload`` for every device of ``peer`` and store it at the intermediary."""
+        """Encrypt ``payload`` for every device of ``peer`` and store it at the intermediary.
+
+        The new session state is committed before the ciphertext leaves, so a message key is
+        never used twice. Wallets that need the ciphertext stored with their own changes use
+        :meth:`seal`, :meth:`settle` and :meth:`deliver` instead.
+        """
+        sealed = await self.seal(peer, payload, summary=summary)
+        stored = False
+        try:
+            with self._store.transaction() as conn:
+                self._store.apply_changes(conn, sealed.record_changes)
+            stored = True
+        finally:
+            await self.settle(sealed, stored=stored)
+        await self.deliver(sealed)
+
+    async def seal(
+        self,
+        peer: str,
+        payload: bytes,
+        *,
+        summary: str = "",
+        during: IncomingMessage | None = None,
+    ) -> SealedMessage:
+        """Encrypt ``payload`` for every device of ``peer``, setting up sessions on first contact.
+
+        The peer's lock is held until :meth:`settle` (unless ``during`` already holds it).
+        """
         if self._closed.is_set():
             raise ChannelClosed("the self-hosted channel is closed")
-        started = time.perf_counter()
-        async with self._lock(peer):
-            changes: list[RecordChange] = []
+        lock = self._lock(peer)
+        held = during is not None and during.peer == peer and during.envelope_id in self._in_flight
+        if not held:
+            await lock.acquire()
+        changes: list[RecordChange] = []
+        try:
             devices = {
                 device_id: registration_id
                 for device_id, registration_id in self._store.peer_devices(peer).items()
@@ -97,42 +131,76 @@ class SelfHostedChannel(CredentialChannel):
             }
             if not devices:
                 devices = await self._start_sessions(peer, changes)
-            messages: list[OutgoingMessage] = []
-            try:
-                for device_id, registration_id in sorted(devices.items()):
-                    result = await self._bridge.encrypt(ProtocolAddress(peer, device_id), payload)
-                    changes.extend(result.changes)
-                    messages.append(
-                        OutgoingMessage(
-                            type=_ENVELOPE_PREKEY
-                            if result.message_type == _LIBSIGNAL_PREKEY
-                            else _ENVELOPE_CIPHERTEXT,
-                            destination_device_id=device_id,
-                            destination_registration_id=registration_id,
-                            content=result.ciphertext,
-                        )
-                    )
-                # The advanced sending chain is committed before the ciphertext leaves: a
-                # message key is never used twice, even if this process dies right here.
-                with self._store.transaction() as conn:
-                    self._store.apply_changes(conn, changes)
-                    for device_id, registration_id in devices.items():
-                        self._store.save_peer_device(conn, peer, device_id, registration_id)
-            except BaseException:
-                await self._forget(changes)
-                raise
-            try:
-                await self._client.send_messages(peer, messages)
-            except NotFound as exc:
-                raise UnknownPeer(f"the intermediary has no account {peer}") from exc
-            except ServerApiError as exc:
-                raise ChannelError(
-                    f"the intermediary refused the message to {peer}: {exc}"
-                ) from exc
+            messages: list[dict[str, object]] = []
+            for device_id, registration_id in sorted(devices.items()):
+                result = await self._bridge.encrypt(ProtocolAddress(peer, device_id), payload)
+                changes.extend(result.changes)
+                envelope_type = (
+                    _ENVELOPE_PREKEY
+                    if result.message_type == _LIBSIGNAL_PREKEY
+                    else _ENVELOPE_CIPHERTEXT
+                )
+                messages.append(
+                    {
+                        "type": envelope_type,
+                        "destinationDeviceId": device_id,
+                        "destinationRegistrationId": registration_id,
+                        "content": base64.b64encode(result.ciphertext).decode("ascii"),
+                    }
+                )
+            # Device registration ids are not secret and are checked by the server anyway, so
+            # they are remembered at once, whether or not the caller stores this message.
+            with self._store.transaction() as conn:
+                for device_id, registration_id in devices.items():
+                    self._store.save_peer_device(conn, peer, device_id, registration_id)
+        except BaseException:
+            await self._forget(changes)
+            if not held:
+                lock.release()
+            raise
+        wire = json.dumps({"timestamp": int(time.time() * 1000), "messages": messages})
+        sealed = SealedMessage(peer, wire.encode("ascii"), tuple(changes))
+        self._sealed[id(sealed)] = lock if not held else None
+        return sealed
+
+    async def settle(self, sealed: SealedMessage, *, stored: bool) -> None:
+        """Release the peer's session; forget the sealing's changes if they were not stored."""
+        lock = self._sealed.pop(id(sealed), None)
+        try:
+            if not stored:
+                await self._forget(sealed.record_changes)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    async def deliver(self, sealed: SealedMessage) -> None:
+        """Store a sealed message at the intermediary (the same ciphertext on every retry)."""
+        started = time.perf_counter()
+        try:
+            document = json.loads(sealed.wire)
+            messages = [
+                OutgoingMessage(
+                    type=int(m["type"]),
+                    destination_device_id=int(m["destinationDeviceId"]),
+                    destination_registration_id=int(m["destinationRegistrationId"]),
+                    content=base64.b64decode(m["content"], validate=True),
+                )
+                for m in document["messages"]
+            ]
+            timestamp = int(document["timestamp"])
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            raise ChannelError(f"a sealed message to {sealed.peer} is damaged: {exc}") from exc
+        try:
+            await self._client.send_messages(sealed.peer, messages, timestamp=timestamp)
+        except NotFound as exc:
+            raise UnknownPeer(f"the intermediary has no account {sealed.peer}") from exc
+        except ServerApiError as exc:
+            raise ChannelError(
+                f"the intermediary refused the message to {sealed.peer}: {exc}"
+            ) from exc
         log.info(
-            "sent %d bytes to %s on %d device(s) (%.1f ms)",
-            len(payload),
-            peer,
+            "delivered a message to %s on %d device(s) (%.1f ms)",
+            sealed.peer,
             len(messages),
             (time.perf_counter() - started) * 1000,
         )

@@ -2,9 +2,9 @@
 
 It holds the account (id, device, password, own identity), every libsignal record, the shares
 this wallet takes part in, received credentials, the ids of messages already processed, and
-replies waiting to be sent. libsignal's changes and a message's effect are written in one
-transaction (:meth:`WalletStore.transaction`), which is what makes a crash at any point neither
-lose nor repeat a credential.
+sealed messages waiting to be delivered (the outbox). libsignal's changes and a message's
+effect are written in one transaction (:meth:`WalletStore.transaction`), which is what makes a
+crash at any point neither lose nor repeat a credential.
 
 Only one process may use a wallet at a time; a second one fails fast with
 :class:`~tigress_signal.errors.StoreLocked` (an ``flock`` on ``wallet.lock``).
@@ -98,13 +98,14 @@ _MIGRATIONS: tuple[str, ...] = (
         envelope_id TEXT PRIMARY KEY,
         seen_at TEXT NOT NULL
     ) WITHOUT ROWID;
-    CREATE TABLE pending_replies (
-        message_id TEXT PRIMARY KEY,
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        message_id TEXT NOT NULL UNIQUE,
+        share_id TEXT NOT NULL,
         peer TEXT NOT NULL,
-        payload BLOB NOT NULL,
-        summary TEXT NOT NULL,
+        wire BLOB NOT NULL,
         created_at TEXT NOT NULL
-    ) WITHOUT ROWID;
+    );
     CREATE TABLE signing_keys (
         name TEXT PRIMARY KEY,
         private_key_pem BLOB NOT NULL,
