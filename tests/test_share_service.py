@@ -25,7 +25,7 @@ from tigress_signal.credentials import (
     TransferMessage,
     encode_transfer,
 )
-from tigress_signal.errors import InvalidTransition, ShareExpired, UnknownPeer
+from tigress_signal.errors import InvalidTransition, NoSession, ShareExpired, UnknownPeer
 from tigress_signal.intermediary.config import IntermediaryConfig
 from tigress_signal.intermediary.server import IntermediaryServer
 from tigress_signal.shares.service import DigitalKeyTerms
@@ -220,3 +220,17 @@ async def test_offer_to_an_unknown_account_fails_and_stores_nothing(people):
     assert alice.shares.shares() == []
     pending = alice.store.connection.execute("SELECT count(*) FROM outbox").fetchone()
     assert pending[0] == 0
+
+
+async def test_both_sides_compute_the_same_safety_number(people):
+    alice, bob, carol = people
+    share = await alice.shares.offer_provisioning(bob.account_id, token(), title="Room 12")
+    await bob.shares.wait_for(share.share_id, [ShareState.OFFERED], WAIT)
+    seen_by_alice = await alice.safety_number(bob.account_id)
+    seen_by_bob = await bob.safety_number(alice.account_id)
+    assert len(seen_by_alice.digits) == 60
+    assert seen_by_alice.digits.isdigit()
+    assert seen_by_alice.digits == seen_by_bob.digits
+    # Carol never talked to Alice: there is no key to compare yet.
+    with pytest.raises(NoSession, match="no identity key"):
+        await carol.safety_number(alice.account_id)

@@ -195,6 +195,11 @@ def test_stateful_digital_key_across_processes(wallets: Wallets):
         in ok("inbox", "--wallet", str(wallets.alice)).split(share_id)[1].splitlines()[0]
     )
 
+    alice_sees = ok("safety-number", "--wallet", str(wallets.alice), wallets.bob_id, "--no-qr")
+    bob_sees = ok("safety-number", "--wallet", str(wallets.bob), wallets.alice_id)
+    assert len(alice_sees.replace(" ", "").replace("\n", "")) == 60
+    assert bob_sees.startswith(alice_sees)  # Bob's also has the QR code after the digits
+
     owner_key = ok("lock", "owner-key", "--wallet", str(wallets.alice), "front-door")
     assert ok("lock", "try", "--wallet", str(wallets.bob), share_id, "--owner-key", owner_key) == (
         "lock front-door: unlocked"

@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import qrcode
+
 from tigress_signal import __version__
 from tigress_signal.credentials import (
     ReferenceLock,
@@ -136,6 +138,14 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("share_id")
     export.add_argument("--out", type=Path, required=True)
     export.set_defaults(run=_export)
+
+    safety = commands.add_parser(
+        "safety-number", help="show the safety number to compare with a peer"
+    )
+    safety.add_argument("--wallet", type=Path, required=True)
+    safety.add_argument("peer", metavar="ACCOUNT_ID")
+    safety.add_argument("--no-qr", action="store_true", help="digits only, no QR code")
+    safety.set_defaults(run=_safety_number)
 
     lock = commands.add_parser("lock", help="the reference lock").add_subparsers(
         title="lock commands", metavar="COMMAND", required=True
@@ -270,6 +280,19 @@ async def _export(args: argparse.Namespace) -> int:
         credential = wallet.shares.credential(args.share_id)
         args.out.write_bytes(credential.content)
         print(f"{credential.media_type} {len(credential.content)} bytes -> {args.out}")
+    return 0
+
+
+async def _safety_number(args: argparse.Namespace) -> int:
+    async with await Wallet.open(args.wallet) as wallet:
+        number = await wallet.safety_number(args.peer)
+    groups = [number.digits[i : i + 5] for i in range(0, len(number.digits), 5)]
+    for row in range(0, len(groups), 4):
+        print(" ".join(groups[row : row + 4]))
+    if not args.no_qr:
+        code = qrcode.QRCode(border=1)
+        code.add_data(number.scannable)
+        code.print_ascii(out=sys.stdout, invert=True)
     return 0
 
 

@@ -8,18 +8,27 @@ until :meth:`Wallet.aclose`.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 from tigress_signal.adapters.selfhosted import SelfHostedChannel
-from tigress_signal.bridge.libsignal import LibsignalBridge, ProtocolAddress
+from tigress_signal.adapters.signal_cli import SignalCliChannel
+from tigress_signal.bridge.libsignal import LibsignalBridge, ProtocolAddress, SafetyNumber
 from tigress_signal.bridge.records import RecordChange
+from tigress_signal.bridge.signal_cli_client import SignalCliClient
+from tigress_signal.bridge.signal_cli_dbus import SignalCliDbusClient
+from tigress_signal.bridge.signal_cli_jsonrpc import SignalCliJsonRpcClient
 from tigress_signal.channel import CredentialChannel
-from tigress_signal.errors import StoreError
+from tigress_signal.errors import NoSession, StoreError
 from tigress_signal.intermediary.client import IntermediaryClient
 from tigress_signal.shares.service import ShareService
 from tigress_signal.wallet.config import (
+    CONFIG_NAME,
+    SIGNAL_CLI_CHANNELS,
+    SignalCliSettings,
     SelfHostedSettings,
     TrustPolicy,
     WalletConfig,
@@ -40,13 +49,14 @@ _UNREGISTERED = "unregistered"
 
 
 class Wallet:
-    """An open wallet. Use :meth:`create` or :meth:`open`, and close it with :meth:`aclose`.
+    """An open wallet. Use :meth:`create`, :meth:`create_signal_cli` or :meth:`open`, and close
+    it with :meth:`aclose`.
 
     Attributes:
         folder: the wallet folder.
         store: its SQLite store.
         config: its configuration.
-        account: its account at the intermediary.
+        account: its account at the intermediary (None when signal-cli holds the account).
         channel: the channel its transfers travel over.
         shares: its shares.
     """
@@ -56,9 +66,11 @@ class Wallet:
         folder: Path,
         store: WalletStore,
         config: WalletConfig,
-        account: Account,
-        bridge: LibsignalBridge,
-        client: IntermediaryClient,
+        account: Account | None,
+        bridge: LibsignalBridge | None,
+        client: IntermediaryClient | None,
+        *,
+        channel: CredentialChannel | None = None,
     ) -> None:
         self.folder = folder
         self.store = store
@@ -66,12 +78,20 @@ class Wallet:
         self.account = account
         self._bridge = bridge
         self._client = client
-        self.channel: CredentialChannel = SelfHostedChannel(store, bridge, client, account)
+        if channel is None:
+            # The self-hosted channel needs all three; the signal-cli one comes ready-made.
+            if account is None or bridge is None or client is None:
+                raise ValueError("a self-hosted wallet needs its account, sidecar and client")
+            channel = SelfHostedChannel(store, bridge, client, account)
+        self.channel: CredentialChannel = channel
         self.shares = ShareService(store, self.channel)
 
     @property
     def account_id(self) -> str:
-        """This wallet's account id: what other wallets send to."""
+        """This wallet's account id (a Signal number over signal-cli): what others send to."""
+        if self.account is None:
+            assert self.config.signal_cli is not None  # the config validator guarantees it
+            return self.config.signal_cli.account
         return self.account.account_id
 
     @classmethod
@@ -178,6 +198,9 @@ class Wallet:
         """
         path = Path(folder)
         store = WalletStore.open(path, create=False)
+        if store.account() is None and _names_signal_cli(path):
+            # signal-cli holds this wallet's account: no sidecar, no intermediary.
+            return await cls._open_signal_cli(path, store, load_wallet_config(path))
         bridge = LibsignalBridge(record_source=store)
         try:
             account = store.account()
@@ -194,13 +217,83 @@ class Wallet:
             raise
         return cls(path, store, config, account, bridge, client)
 
+    async def safety_number(self, peer: str) -> SafetyNumber:
+        """The safety number of this wallet's identity and a peer's, as both sides compute it.
+
+        Raises:
+            NoSession: this wallet has not exchanged a message with ``peer`` yet, so it holds
+                no identity key for it.
+        """
+        remote_key = self.store.load_record("identity", peer)
+        if remote_key is None:
+            raise NoSession(
+                f"no identity key for {peer} yet",
+                hint="exchange a message with this peer first (a share or an offer)",
+            )
+        return await self._bridge.safety_number(
+            self.account_id, self.account.identity_public_key, peer, remote_key
+        )
+
+    @classmethod
+    async def create_signal_cli(
+        cls,
+        folder: Path | str,
+        settings: SignalCliSettings,
+        *,
+        transport: Literal["dbus", "jsonrpc"],
+        trust_policy: TrustPolicy = "tofu",
+    ) -> Wallet:
+        """Make a new wallet whose Signal account is held by a running signal-cli daemon.
+
+        Nothing is registered anywhere: the account already exists in signal-cli. The daemon is
+        asked whether it runs the account before ``wallet.toml`` is written.
+
+        Raises:
+            StoreError: ``folder`` already holds a wallet.
+            SignalCliError: the daemon is not running or does not have the account.
+        """
+        path = Path(folder)
+        if (path / CONFIG_NAME).exists():
+            raise StoreError(f"{path} already holds a wallet")
+        config = WalletConfig(
+            channel="signal-cli-dbus" if transport == "dbus" else "signal-cli-jsonrpc",
+            trust_policy=trust_policy,
+            signal_cli=settings,
+        )
+        store = WalletStore.open(path)
+        wallet = await cls._open_signal_cli(path, store, config)
+        save_wallet_config(path, config)
+        log.info("wallet %s uses Signal account %s through signal-cli", path, settings.account)
+        return wallet
+
+    @classmethod
+    async def _open_signal_cli(
+        cls, path: Path, store: WalletStore, config: WalletConfig
+    ) -> Wallet:
+        try:
+            if config.signal_cli is None:
+                raise ConfigError(f"{path / CONFIG_NAME}: the [signal_cli] section is missing")
+            client = signal_cli_client(config)
+            channel = SignalCliChannel(store, client, config.signal_cli.account)
+            try:
+                await channel.start()
+            except BaseException:
+                await client.close()
+                raise
+        except BaseException:
+            store.close()
+            raise
+        return cls(path, store, config, None, None, None, channel=channel)
+
     async def aclose(self) -> None:
         """Close the channel, the sidecar and the store, and release the folder's lock."""
         try:
             await self.channel.close()
-            await self._client.aclose()
+            if self._client is not None:
+                await self._client.aclose()
         finally:
-            await self._bridge.aclose()
+            if self._bridge is not None:
+                await self._bridge.aclose()
             self.store.close()
 
     async def __aenter__(self) -> Wallet:
@@ -213,6 +306,49 @@ class Wallet:
         traceback: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def signal_cli_client(config: WalletConfig) -> SignalCliClient:
+    """The signal-cli client a wallet's configuration asks for (not connected yet).
+
+    Raises:
+        ConfigError: the configuration names no signal-cli channel, or a non-loopback address.
+    """
+    settings = config.signal_cli
+    if settings is None or config.channel not in SIGNAL_CLI_CHANNELS:
+        raise ConfigError("wallet.toml: this wallet does not use signal-cli")
+    if config.channel == "signal-cli-dbus":
+        return SignalCliDbusClient(
+            bus_address=settings.bus_address,
+            bus_name=settings.bus_name,
+            call_timeout=settings.call_timeout,
+        )
+    if settings.command is not None:
+        return SignalCliJsonRpcClient.stdio(settings.command, call_timeout=settings.call_timeout)
+    if settings.tcp is not None:
+        host, _, port = settings.tcp.rpartition(":")
+        if not port.isdigit():
+            raise ConfigError(f"wallet.toml: [signal_cli] tcp = {settings.tcp!r} is not host:port")
+        return SignalCliJsonRpcClient.tcp_loopback(
+            host.strip("[]"), int(port), call_timeout=settings.call_timeout
+        )
+    return SignalCliJsonRpcClient.unix(
+        settings.socket or default_jsonrpc_socket(), call_timeout=settings.call_timeout
+    )
+
+
+def default_jsonrpc_socket() -> Path:
+    """Where ``signal-cli daemon --socket`` listens unless told otherwise."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+    return Path(runtime) / "signal-cli" / "socket"
+
+
+def _names_signal_cli(folder: Path) -> bool:
+    try:
+        text = (folder / CONFIG_NAME).read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return any(f'"{name}"' in text for name in SIGNAL_CLI_CHANNELS)
 
 
 async def _open_identity(bridge: LibsignalBridge, account: Account, config: WalletConfig) -> None:
