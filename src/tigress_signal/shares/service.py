@@ -20,6 +20,7 @@ copy. The service knows nothing about how messages travel: it uses a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
@@ -74,6 +75,9 @@ __all__ = ["DigitalKey", "DigitalKeyTerms", "Share", "ShareService", "StoredCred
 
 #: How long an offer stays open unless the sender says otherwise.
 DEFAULT_SHARE_LIFETIME = timedelta(days=2)
+#: Pauses between attempts to deliver what stays in the outbox: first, and at most (seconds).
+OUTBOX_RETRY_FIRST = 0.5
+OUTBOX_RETRY_MAX = 30.0
 #: The issuer name on access tokens a wallet issues unless told otherwise.
 DEFAULT_ISSUER = "tigress-signal sample venue"
 
@@ -228,10 +232,38 @@ class ShareService:
     # -- incoming messages ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Process incoming messages until the channel closes; one bad message never stops it."""
-        await self.deliver_outbox()
-        async for incoming in self._channel.receive():
-            await self.handle(incoming)
+        """Process incoming messages until the channel closes; one bad message never stops it.
+
+        Meanwhile, whatever stays in the outbox (the intermediary was unreachable, say) is
+        delivered again with growing pauses, so an outage delays a transfer but never loses it.
+        """
+        retrying = asyncio.create_task(self._retry_outbox(), name="outbox retry")
+        try:
+            await self.deliver_outbox()
+            async for incoming in self._channel.receive():
+                await self.handle(incoming)
+        finally:
+            retrying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retrying
+
+    async def _retry_outbox(self) -> None:
+        delay = OUTBOX_RETRY_FIRST
+        while True:
+            await asyncio.sleep(delay)
+            if self._outbox_size() == 0:
+                delay = OUTBOX_RETRY_FIRST
+                continue
+            with contextlib.suppress(TigressSignalError):
+                await self.deliver_outbox()
+            delay = (
+                OUTBOX_RETRY_FIRST
+                if self._outbox_size() == 0
+                else min(delay * 2, OUTBOX_RETRY_MAX)
+            )
+
+    def _outbox_size(self) -> int:
+        return int(self._store.connection.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
     async def handle(self, incoming: IncomingMessage) -> None:
         """Process one incoming message: store its effect, acknowledge it, deliver any reply.

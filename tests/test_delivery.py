@@ -1,0 +1,220 @@
+"""Delivery under stress, over the real stack in one process: order, copies, forgeries,
+outages and many shares at once. Every credential must arrive exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tigress_signal.channel import SealedMessage
+from tigress_signal.credentials import ProvisioningInformation
+from tigress_signal.intermediary.client import IntermediaryClient
+from tigress_signal.intermediary.config import IntermediaryConfig
+from tigress_signal.intermediary.server import IntermediaryServer
+from tigress_signal.shares.states import ShareState
+from tigress_signal.wallet.wallet import Wallet
+
+WAIT = 30.0
+
+
+def token(text: str) -> ProvisioningInformation:
+    return ProvisioningInformation(media_type="text/plain", content=text.encode())
+
+
+@contextlib.asynccontextmanager
+async def receiving(wallet: Wallet) -> AsyncIterator[None]:
+    task = asyncio.create_task(wallet.shares.run())
+    try:
+        yield
+    finally:
+        # Cancelling stops the loop but leaves the channel usable for the rest of the test.
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def server_config(tmp_path: Path) -> IntermediaryConfig:
+    return IntermediaryConfig(
+        port=free_port(), database_url=f"sqlite:///{tmp_path / 'intermediary.db'}"
+    )
+
+
+def client_of(wallet: Wallet, url: str) -> IntermediaryClient:
+    client = IntermediaryClient(url)
+    account = wallet.account
+    client.authenticate(account.account_id, account.device_id, account.password)
+    return client
+
+
+def records_of(wallet: Wallet) -> list[tuple[str, str, bytes]]:
+    rows = wallet.store.connection.execute("SELECT kind, key, value FROM records ORDER BY 1, 2")
+    return [(k, key, bytes(v)) for k, key, v in rows]
+
+
+async def test_several_first_messages_before_any_reply_all_arrive(server_config, tmp_path):
+    async with IntermediaryServer(server_config) as server:
+        alice = await Wallet.create(tmp_path / "alice", server.url)
+        bob = await Wallet.create(tmp_path / "bob", server.url)
+        async with alice, bob:
+            # Three offers while Bob is offline: each is a PreKey message on a new session.
+            shares = [
+                await alice.shares.offer_provisioning(
+                    bob.account_id, token(f"key {n}"), title=f"{n}"
+                )
+                for n in range(3)
+            ]
+            async with receiving(bob):
+                for share in shares:
+                    await bob.shares.wait_for(share.share_id, [ShareState.OFFERED], WAIT)
+                for share in shares:
+                    await bob.shares.accept(share.share_id)
+            contents = sorted(c.content for c in bob.shares.credentials())
+            assert contents == [b"key 0", b"key 1", b"key 2"]
+
+
+async def test_messages_out_of_order_all_decrypt(server_config, tmp_path):
+    async with IntermediaryServer(server_config) as server:
+        alice = await Wallet.create(tmp_path / "alice", server.url)
+        bob = await Wallet.create(tmp_path / "bob", server.url)
+        async with alice, bob:
+            first = await alice.shares.offer_provisioning(bob.account_id, token("0"), title="0")
+            async with receiving(alice), receiving(bob):
+                await bob.shares.wait_for(first.share_id, [ShareState.OFFERED], WAIT)
+                await bob.shares.accept(first.share_id)  # Bob answers: the session is mutual
+                await alice.shares.wait_for(first.share_id, [ShareState.ACCEPTED], WAIT)
+            later = [
+                await alice.shares.offer_provisioning(bob.account_id, token(f"{n}"), title=f"{n}")
+                for n in range(1, 5)
+            ]
+            # Bob takes the stored messages newest first, as a network might reorder them.
+            async with client_of(bob, server.url) as client:
+                envelopes = await client.list_all_messages()
+                assert len(envelopes) == 4
+                for envelope in reversed(envelopes):
+                    incoming = await bob.channel._open(  # type: ignore[attr-defined]
+                        envelope, lambda guid=envelope.guid: client.acknowledge(guid)
+                    )
+                    assert incoming is not None
+                    await bob.shares.handle(incoming)
+                assert (await client.list_messages()).messages == []
+            assert {bob.shares.share(s.share_id).state for s in later} == {ShareState.OFFERED}
+
+
+async def test_a_forged_message_changes_nothing_and_the_next_genuine_one_arrives(
+    server_config, tmp_path
+):
+    async with IntermediaryServer(server_config) as server:
+        alice = await Wallet.create(tmp_path / "alice", server.url)
+        bob = await Wallet.create(tmp_path / "bob", server.url)
+        async with alice, bob, receiving(alice), receiving(bob):
+            first = await alice.shares.offer_provisioning(bob.account_id, token("a"), title="a")
+            await bob.shares.wait_for(first.share_id, [ShareState.OFFERED], WAIT)
+            # Once Bob has answered, Alice's messages are Whisper messages, MACed end to end.
+            await bob.shares.accept(first.share_id)
+            await alice.shares.wait_for(first.share_id, [ShareState.ACCEPTED], WAIT)
+            await bob.shares.wait_idle(0.5)
+            before = records_of(bob)
+
+            # Seal a real message, flip one byte of its ciphertext, and deliver only that.
+            sealed = await alice.channel.seal(bob.account_id, b"{}")
+            await alice.channel.settle(sealed, stored=False)
+            document = json.loads(sealed.wire)
+            content = bytearray(base64.b64decode(document["messages"][0]["content"]))
+            assert document["messages"][0]["type"] == 1  # a Whisper message
+            content[-1] ^= 0x01  # its last bytes are the MAC
+            document["messages"][0]["content"] = base64.b64encode(content).decode()
+            forged = SealedMessage(bob.account_id, json.dumps(document).encode())
+            await alice.channel.deliver(forged)
+            await asyncio.sleep(1.0)
+            await bob.shares.wait_idle(0.5)
+            assert records_of(bob) == before
+
+            second = await alice.shares.offer_provisioning(bob.account_id, token("b"), title="b")
+            await bob.shares.wait_for(second.share_id, [ShareState.OFFERED], WAIT)
+
+
+async def test_an_intermediary_restart_during_a_transfer_delays_it_and_loses_nothing(
+    server_config, tmp_path
+):
+    server = IntermediaryServer(server_config)
+    await server.start()
+    alice = await Wallet.create(tmp_path / "alice", server.url)
+    bob = await Wallet.create(tmp_path / "bob", server.url)
+    try:
+        async with alice, bob, receiving(alice), receiving(bob):
+            # A first share, so that each side has sent to the other before the outage.
+            first = await alice.shares.offer_provisioning(bob.account_id, token("j"), title="j")
+            await bob.shares.wait_for(first.share_id, [ShareState.OFFERED], WAIT)
+            await bob.shares.accept(first.share_id)
+            await alice.shares.wait_for(first.share_id, [ShareState.ACCEPTED], WAIT)
+
+            share = await alice.shares.offer_provisioning(bob.account_id, token("k"), title="k")
+            await bob.shares.wait_for(share.share_id, [ShareState.OFFERED], WAIT)
+
+            await server.stop()
+            # Bob accepts while the intermediary is down: the answer waits in his outbox.
+            await bob.shares.accept(share.share_id)
+            outbox = bob.store.connection.execute("SELECT count(*) FROM outbox").fetchone()
+            assert outbox[0] == 1
+
+            server = IntermediaryServer(server_config)
+            await server.start()
+            await alice.shares.wait_for(share.share_id, [ShareState.ACCEPTED], WAIT)
+            assert sorted(c.content for c in bob.shares.credentials()) == [b"j", b"k"]
+    finally:
+        await server.stop()
+
+
+async def test_many_shares_between_many_wallets_at_once(server_config, tmp_path):
+    async with IntermediaryServer(server_config) as server:
+        wallets = [await Wallet.create(tmp_path / f"w{n}", server.url) for n in range(4)]
+        async with contextlib.AsyncExitStack() as stack:
+            for wallet in wallets:
+                await stack.enter_async_context(wallet)
+                await stack.enter_async_context(receiving(wallet))
+
+            async def offer(sender: Wallet, receiver: Wallet, n: int) -> str:
+                text = f"{sender.account_id}->{receiver.account_id}#{n}"
+                share = await sender.shares.offer_provisioning(
+                    receiver.account_id, token(text), title=f"#{n}"
+                )
+                return share.share_id
+
+            pairs = [(s, r) for s in wallets for r in wallets if s is not r]
+            share_ids = await asyncio.gather(*(offer(s, r, n) for s, r in pairs for n in range(3)))
+            receivers = [r for s, r in pairs for n in range(3)]
+
+            async def accept(receiver: Wallet, share_id: str) -> None:
+                await receiver.shares.wait_for(share_id, [ShareState.OFFERED], WAIT)
+                await receiver.shares.accept(share_id)
+
+            await asyncio.gather(
+                *(accept(r, i) for r, i in zip(receivers, share_ids, strict=True))
+            )
+            senders = [s for s, r in pairs for n in range(3)]
+            await asyncio.gather(
+                *(
+                    s.shares.wait_for(i, [ShareState.ACCEPTED], WAIT)
+                    for s, i in zip(senders, share_ids, strict=True)
+                )
+            )
+            for wallet in wallets:
+                received = [c.content.decode() for c in wallet.shares.credentials()]
+                assert len(received) == 9  # 3 shares from each of the 3 others, once each
+                assert len(set(received)) == 9
+                assert all(text.split("->")[1].startswith(wallet.account_id) for text in received)
