@@ -6,6 +6,7 @@
 // go to stderr and never contain key material. The sidecar exits when stdin closes.
 
 import { randomInt } from 'node:crypto';
+import { writevSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import process from 'node:process';
 
@@ -35,25 +36,54 @@ const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/
 
 // -- output: protocol lines, written once the current burst of work settles -------------------
 
-let outbox = [];
+let outbox = []; // Buffers: each message's line, then its blobs
 let flushQueued = false;
 
-function send(message) {
-  outbox.push(JSON.stringify(message));
+/** Queue one message; `blobs` (byte arrays) follow its line, their lengths listed in it. */
+function send(message, blobs = null) {
+  if (blobs !== null) {
+    message.blobs = blobs.map((b) => b.byteLength);
+  }
+  outbox.push(Buffer.from(JSON.stringify(message) + '\n'));
+  if (blobs !== null) {
+    for (const blob of blobs) {
+      outbox.push(blob);
+    }
+  }
   if (!flushQueued) {
     flushQueued = true;
     queueMicrotask(flush);
   }
 }
 
+/** Write the outbox with one system call; what the pipe does not take goes through the stream. */
 function flush() {
   flushQueued = false;
   if (outbox.length === 0) {
     return;
   }
-  const text = outbox.join('\n') + '\n';
+  const parts = outbox;
   outbox = [];
-  process.stdout.write(text);
+  if (process.stdout.writableLength > 0) {
+    writeStream(parts); // earlier output still waits in the stream: keep the order
+    return;
+  }
+  let written = 0;
+  try {
+    written = writevSync(1, parts);
+  } catch (err) {
+    if (err.code !== 'EAGAIN') {
+      process.exit(0); // Python has gone (EPIPE): nobody is left to answer
+    }
+  }
+  const total = parts.reduce((sum, part) => sum + part.byteLength, 0);
+  if (written < total) {
+    writeStream([Buffer.concat(parts).subarray(written)]);
+  }
+}
+
+function writeStream(parts) {
+  process.stdout.write(parts.length === 1 ? parts[0] : Buffer.concat(parts));
 }
 
 function diagnose(text) {
@@ -85,7 +115,15 @@ function answerLoad(message) {
     return;
   }
   const value = message.result.value;
-  waiter.resolve(value === null || value === undefined ? null : fromBase64(value));
+  if (value === null || value === undefined) {
+    waiter.resolve(null);
+  } else if (typeof value === 'string') {
+    waiter.resolve(fromBase64(value));
+  } else if (Number.isInteger(value) && message.blobs?.[value] !== undefined) {
+    waiter.resolve(message.blobs[value]);
+  } else {
+    waiter.reject(new Error(LOAD_FAILED));
+  }
 }
 
 const cache = new RecordCache(requestLoad);
@@ -224,24 +262,24 @@ const methods = {
     return { pqPreKeys };
   },
 
-  async processPreKeyBundle(params) {
+  async processPreKeyBundle(params, out) {
     const me = requireOpen();
     const address = addressParam(params);
     const bundle = bundleParam(params.bundle);
     return serialized(`peer:${address.name()}`, () =>
-      withCallStores(me, async (stores) => {
+      withCallStores(me, out, async (stores) => {
         await S.processPreKeyBundle(bundle, address, me.address, stores.session, stores.identity);
         return {};
       }),
     );
   },
 
-  async encrypt(params) {
+  async encrypt(params, out) {
     const me = requireOpen();
     const address = addressParam(params);
     const plaintext = bytesParam(params, 'plaintext');
     return serialized(`peer:${address.name()}`, () =>
-      withCallStores(me, async (stores) => {
+      withCallStores(me, out, async (stores) => {
         const message = await S.signalEncrypt(
           plaintext,
           address,
@@ -249,19 +287,19 @@ const methods = {
           stores.session,
           stores.identity,
         );
-        return { type: message.type(), ciphertext: toBase64(message.serialize()) };
+        return { type: message.type(), ciphertext: bytesOut(out, message.serialize()) };
       }),
     );
   },
 
-  async decrypt(params) {
+  async decrypt(params, out) {
     const me = requireOpen();
     const address = addressParam(params);
     const type = params.type;
     const ciphertext = bytesParam(params, 'ciphertext');
     if (type === S.CiphertextMessageType.Whisper) {
       return serialized(`peer:${address.name()}`, () =>
-        withCallStores(me, async (stores) => {
+        withCallStores(me, out, async (stores) => {
           const message = S.SignalMessage.deserialize(ciphertext);
           const plaintext = await S.signalDecrypt(
             message,
@@ -270,7 +308,7 @@ const methods = {
             stores.session,
             stores.identity,
           );
-          return { plaintext: toBase64(plaintext) };
+          return { plaintext: bytesOut(out, plaintext) };
         }),
       );
     }
@@ -279,7 +317,7 @@ const methods = {
       // can never both consume the same one-time prekey.
       return serialized(`peer:${address.name()}`, () =>
         serialized('prekeys', () =>
-          withCallStores(me, async (stores) => {
+          withCallStores(me, out, async (stores) => {
             const message = S.PreKeySignalMessage.deserialize(ciphertext);
             const plaintext = await S.signalDecryptPreKey(
               message,
@@ -291,7 +329,7 @@ const methods = {
               stores.signedPreKey,
               stores.kyberPreKey,
             );
-            return { plaintext: toBase64(plaintext) };
+            return { plaintext: bytesOut(out, plaintext) };
           }),
         ),
       );
@@ -350,7 +388,7 @@ const methods = {
 };
 
 /** Run one libsignal operation on fresh per-call stores; commit its writes only on success. */
-async function withCallStores(me, operation) {
+async function withCallStores(me, out, operation) {
   const records = new CallRecords(cache);
   const stores = {
     session: new CallSessionStore(records),
@@ -363,7 +401,7 @@ async function withCallStores(me, operation) {
   const changes = records.commit().map((c) => ({
     kind: c.kind,
     key: c.key,
-    value: c.value === null ? null : toBase64(c.value),
+    value: c.value === null ? null : bytesOut(out, c.value),
   }));
   return { ...result, changes, events: records.events };
 }
@@ -395,10 +433,22 @@ function stringParam(params, name) {
 
 function bytesParam(params, name) {
   const value = params?.[name];
-  if (typeof value !== 'string') {
-    throw new BadRequest(`${name} must be base64 text`);
+  if (typeof value === 'string') {
+    return fromBase64(value);
   }
-  return fromBase64(value);
+  if (Number.isInteger(value) && requestBlobs?.[value] !== undefined) {
+    return requestBlobs[value];
+  }
+  throw new BadRequest(`${name} must be base64 text or the index of one of the request's blobs`);
+}
+
+/** A byte field of an answer: a blob when the request came with blobs, else base64 text. */
+function bytesOut(out, bytes) {
+  if (out === null) {
+    return toBase64(bytes);
+  }
+  out.push(bytes);
+  return out.length - 1;
 }
 
 function publicKeyParam(params, name) {
@@ -532,6 +582,10 @@ function errorAnswer(err, params) {
 
 // -- input -------------------------------------------------------------------------------------
 
+// The blobs of the request being parsed. Methods read their byte parameters before their first
+// `await`, so this is only set while handleRequest runs a method's synchronous part.
+let requestBlobs = null;
+
 async function handleRequest(message) {
   const { id, method } = message;
   const params = message.params ?? {};
@@ -540,25 +594,24 @@ async function handleRequest(message) {
     send({ id, error: errorAnswer(new BadRequest(`unknown method ${method}`), params) });
     return;
   }
+  // A request with blobs gets the byte fields of its answer as blobs too.
+  const out = message.blobs === undefined ? null : [];
   try {
-    const result = await run(params);
-    send({ id, result });
+    let running;
+    requestBlobs = message.blobs ?? null;
+    try {
+      running = run(params, out);
+    } finally {
+      requestBlobs = null;
+    }
+    const result = await running;
+    send({ id, result }, out !== null && out.length > 0 ? out : null);
   } catch (err) {
     send({ id, error: errorAnswer(err, params) });
   }
 }
 
-function handleLine(line) {
-  if (line.length === 0) {
-    return;
-  }
-  let message;
-  try {
-    message = JSON.parse(line);
-  } catch {
-    diagnose('dropped a line that is not JSON');
-    return;
-  }
+function handleMessage(message) {
   if (typeof message.id === 'string' && message.method === undefined) {
     answerLoad(message);
   } else if (typeof message.method === 'string') {
@@ -568,17 +621,80 @@ function handleLine(line) {
   }
 }
 
-let pending = '';
-process.stdin.setEncoding('utf8');
-process.stdin.on('data', (chunk) => {
-  pending += chunk;
-  let start = 0;
-  let end;
-  while ((end = pending.indexOf('\n', start)) !== -1) {
-    handleLine(pending.slice(start, end));
-    start = end + 1;
+/** The byte count of the blobs a message announces, or -1 when its `blobs` is malformed. */
+function blobsSize(message) {
+  const blobs = message.blobs;
+  if (blobs === undefined) {
+    return 0;
   }
-  pending = start === 0 ? pending : pending.slice(start);
+  if (!Array.isArray(blobs)) {
+    return -1;
+  }
+  let size = 0;
+  for (const length of blobs) {
+    if (!Number.isInteger(length) || length < 0) {
+      return -1;
+    }
+    size += length;
+  }
+  return size;
+}
+
+// Input: a line of JSON, then the bytes of the blobs it announces, if any.
+let pending = Buffer.alloc(0);
+let awaiting = null; // {message, size}: a parsed line waiting for the bytes of its blobs
+
+function takeBlobs(bytes, start) {
+  const { message } = awaiting;
+  awaiting = null;
+  const blobs = [];
+  let at = start;
+  for (const length of message.blobs) {
+    blobs.push(new Uint8Array(bytes.buffer, bytes.byteOffset + at, length));
+    at += length;
+  }
+  message.blobs = blobs;
+  handleMessage(message);
+  return at;
+}
+
+process.stdin.on('data', (chunk) => {
+  const bytes = pending.length === 0 ? chunk : Buffer.concat([pending, chunk]);
+  let start = 0;
+  for (;;) {
+    if (awaiting !== null) {
+      if (bytes.length - start < awaiting.size) {
+        break;
+      }
+      start = takeBlobs(bytes, start);
+      continue;
+    }
+    const end = bytes.indexOf(10, start);
+    if (end === -1) {
+      break;
+    }
+    const line = bytes.toString('utf8', start, end);
+    start = end + 1;
+    if (line.length === 0) {
+      continue;
+    }
+    let message;
+    try {
+      message = JSON.parse(line);
+    } catch {
+      diagnose('dropped a line that is not JSON');
+      continue;
+    }
+    const size = blobsSize(message);
+    if (size < 0) {
+      diagnose('dropped a line whose blobs are not a list of lengths');
+    } else if (size === 0 && message.blobs === undefined) {
+      handleMessage(message);
+    } else {
+      awaiting = { message, size };
+    }
+  }
+  pending = start === bytes.length ? Buffer.alloc(0) : bytes.subarray(start);
 });
 process.stdin.on('end', () => {
   flush();

@@ -12,7 +12,7 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
     say "Python 3.11 or newer is needed as '$PYTHON' (set PYTHON=... to choose another)."
     exit 1
 fi
-if ! command -v node >/dev/null || ! node -e 'process.exit(+process.versions.node.split(".")[0] < 20)'; then
+if ! command -v node >/dev/null || ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) < 20 ? 1 : 0)'; then
     say "Node.js 20 or newer is needed for the libsignal sidecar (Debian: apt-get install nodejs npm)."
     exit 1
 fi
@@ -48,5 +48,16 @@ if [ ! -f "$nstamp" ] || [ bridge/package-lock.json -nt "$nstamp" ]; then
     touch "$nstamp"
 else
     say "libsignal sidecar packages are up to date"
+fi
+# The browser tests of the comparison report need a real headless browser: Debian's chromium.
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        say "installing chromium with apt-get (for the report's browser tests)"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        say "chromium is missing: install it (Debian: apt-get install chromium); the browser tests fail without it."
+    fi
+else
+    say "chromium is installed"
 fi
 say "ready"

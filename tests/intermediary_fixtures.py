@@ -3,29 +3,105 @@
 Most tests use :class:`FakeVerifier`, whose "signature" of a key is SHA-512 over the identity
 key and the key, so that tests can make valid and invalid signatures without libsignal; the
 tests in ``test_intermediary_libsignal.py`` use the real sidecar instead.
+
+The server tests run on SQLite and on PostgreSQL: a test module imports the autouse fixture
+:func:`database_url` (parametrized ``sqlite`` / ``postgresql``), and :func:`config_for` then
+points the server at that test's database. PostgreSQL is a throwaway cluster started once per
+test run on a free loopback port (:class:`tigress_signal.storage.throwaway.ThrowawayCluster`)
+and stopped when the run ends, each test getting a fresh database in it; with
+``TIGRESS_TEST_POSTGRES_URL`` set (a superuser URL of a server already running), that server is
+used instead. PostgreSQL missing is an error, never a skip: ``scripts/setup.sh`` installs it.
 """
 
 from __future__ import annotations
 
+import atexit
 import base64
 import hashlib
+import itertools
 import os
-import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
+import pytest
 
 from tigress_signal.bridge.libsignal import BundlePreKey, BundleSignedPreKey
 from tigress_signal.intermediary.client import IntermediaryClient
 from tigress_signal.intermediary.config import IntermediaryConfig
 from tigress_signal.intermediary.server import IntermediaryServer
 from tigress_signal.intermediary.signatures import SignatureVerifier
+from tigress_signal.storage import Database
+from tigress_signal.storage.throwaway import ThrowawayCluster
 
 KIB = 1024
+#: A rate limit setting that turns the limit off.
+NO_LIMIT = {"burst": 0, "per_second": 1.0}
+DIALECTS = ["sqlite", "postgresql"]
+
+# -- databases ---------------------------------------------------------------------------------
+
+
+class _Postgres:
+    """The PostgreSQL server of this test run: started on first use, stopped at exit."""
+
+    def __init__(self) -> None:
+        self.cluster: ThrowawayCluster | None = None
+        self.admin_url = os.environ.get("TIGRESS_TEST_POSTGRES_URL", "")
+        self._names = itertools.count(1)
+
+    def admin(self) -> str:
+        if not self.admin_url:
+            cluster = ThrowawayCluster()
+            cluster.start()  # raises ConfigError (a test error, not a skip) if it cannot
+            atexit.register(cluster.stop)
+            self.cluster = cluster
+            self.admin_url = cluster.url
+        return self.admin_url
+
+    async def new_database(self) -> str:
+        admin = self.admin()
+        name = f"tigress_test_{os.getpid()}_{next(self._names)}"
+        connection = await asyncpg.connect(admin)
+        try:
+            await connection.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await connection.close()
+        return admin.rsplit("/", 1)[0] + "/" + name
+
+
+POSTGRES = _Postgres()
+_current: dict[str, str] = {}
+
+
+@pytest.fixture(params=DIALECTS, autouse=True)
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """This test's database: a SQLite file in ``tmp_path``, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'intermediary.db'}"
+    else:
+        url = await POSTGRES.new_database()
+    _current["url"] = url
+    yield url
+    _current.pop("url", None)
+
+
+def current_database_url(tmp_path: Path) -> str:
+    """The URL :func:`database_url` chose, or a SQLite file in ``tmp_path`` without it."""
+    return _current.get("url", f"sqlite:///{tmp_path / 'intermediary.db'}")
+
+
+async def database_rows(sql: str, *params: object) -> list[tuple[Any, ...]]:
+    """Read the server's database directly (SQLite's WAL or PostgreSQL let us, while it runs)."""
+    db = await Database.open(_current["url"])
+    try:
+        return [tuple(row) for row in await db.fetch(sql, *params)]
+    finally:
+        await db.close()
 
 
 class FakeVerifier:
@@ -107,7 +183,7 @@ def config_for(tmp_path: Path, **overrides: Any) -> IntermediaryConfig:
     values: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": 0,
-        "database_url": f"sqlite:///{tmp_path / 'intermediary.db'}",
+        "database_url": current_database_url(tmp_path),
         # Tests check many wrong passwords; one scrypt at a time is plenty.
         "kdf_concurrency": 1,
     }
@@ -161,13 +237,28 @@ async def register(server_url: str, *, prekeys: int = 0, pq_prekeys: int = 0) ->
     return Registered(keys, client, created.uuid, created.device_id, created.password)
 
 
-def database_rows(tmp_path: Path, sql: str, *params: object) -> list[tuple[Any, ...]]:
-    """Read the server's SQLite file directly (WAL lets us read while it runs)."""
-    connection = sqlite3.connect(tmp_path / "intermediary.db")
+async def link(server_url: str, primary: Registered, registration_id: int = 5151) -> Registered:
+    """Link a new device to ``primary``'s account; the caller closes the new client."""
+    code = await primary.client.issue_link_code()
+    keys = FakeKeys(primary.keys.identity_key, registration_id)
+    client = IntermediaryClient(server_url)
+    linked = await client.link_device(
+        verification_code=code.verification_code,
+        registration_id=registration_id,
+        signed_prekey=keys.signed_prekey(),
+        pq_last_resort_prekey=keys.kyber_prekey(key_id=999),
+    )
+    client.authenticate(linked.uuid, linked.device_id, linked.password)
+    return Registered(keys, client, linked.uuid, linked.device_id, linked.password)
+
+
+async def database_execute(sql: str, *params: object) -> int:
+    """Change the server's database directly (to age rows, for instance)."""
+    db = await Database.open(_current["url"])
     try:
-        return list(connection.execute(sql, params))
+        return await db.execute(sql, *params)
     finally:
-        connection.close()
+        await db.close()
 
 
 def raw_client(server_url: str) -> httpx.AsyncClient:

@@ -20,6 +20,7 @@ from intermediary_fixtures import (
     FakeVerifier,
     Registered,
     b64,
+    database_url,  # noqa: F401 - autouse: every test runs on SQLite and PostgreSQL
     ec_key,
     kem_key,
     prekey_json,

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 
 from intermediary_fixtures import (
+    NO_LIMIT,
     Registered,
     assert_error_body,
     b64,
     database_rows,
+    database_url,  # noqa: F401 - autouse: every test runs on SQLite and PostgreSQL
     prekey_json,
     raw_client,
     register,
@@ -26,7 +28,8 @@ from tigress_signal.intermediary.server import IntermediaryServer
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[IntermediaryServer]:
-    async with running_server(tmp_path) as running:
+    # The fetch limit has its own tests (test_intermediary_limits.py); here it must not bite.
+    async with running_server(tmp_path, bundle_fetch_rate=NO_LIMIT) as running:
         yield running
 
 
@@ -59,7 +62,7 @@ async def test_a_non_empty_list_replaces_that_kind_and_an_absent_one_keeps_it(al
 
 
 async def test_upload_with_a_bad_signature_is_422_and_changes_nothing(alice, tmp_path):
-    before = database_rows(tmp_path, "SELECT signed_prekey FROM devices")
+    before = await database_rows("SELECT signed_prekey FROM devices")
     good = alice.keys.kyber_prekeys(50, 3)
     bad = alice.keys.kyber_prekey(53, valid=False)
     for attempt in [
@@ -74,7 +77,7 @@ async def test_upload_with_a_bad_signature_is_422_and_changes_nothing(alice, tmp
         assert caught.value.body["error"] == "invalid_signature"
     counts = await alice.client.prekey_counts()
     assert (counts.count, counts.pq_count) == (5, 5)
-    assert database_rows(tmp_path, "SELECT signed_prekey FROM devices") == before
+    assert await database_rows("SELECT signed_prekey FROM devices") == before
 
 
 async def test_signatures_are_checked_against_the_stored_identity_key(alice, bob):
@@ -106,7 +109,7 @@ async def test_a_fetch_takes_exactly_one_of_each_oldest_first(alice, bob, tmp_pa
     assert device.pq_prekey.key_id == 1
     counts = await alice.client.prekey_counts()
     assert (counts.count, counts.pq_count) == (4, 4)
-    remaining = database_rows(tmp_path, "SELECT key_id FROM one_time_prekeys ORDER BY seq")
+    remaining = await database_rows("SELECT key_id FROM one_time_prekeys ORDER BY seq")
     assert remaining == [(2,), (3,), (4,), (5,)]
     second = (await bob.client.fetch_bundle(alice.uuid, 1)).devices[0]
     assert second.prekey is not None and second.prekey.key_id == 2
@@ -219,7 +222,7 @@ async def test_more_than_100_keys_or_duplicate_ids_are_422(alice):
         exactly_100 = await http.put(
             "/v2/keys",
             auth=alice.auth,
-            json={"preKeys": [prekey_json(k) for k in alice.keys.prekeys(1, 100)]},
+            json={"preKeys": [prekey_json(k) for k in alice.keys.prekeys(101, 100)]},
         )
     assert_error_body(too_many, 422)
     assert_error_body(duplicate, 422)

@@ -16,7 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from intermediary_fixtures import config_for, raw_client, signed_json
+from intermediary_fixtures import (
+    config_for,
+    database_url,  # noqa: F401 - autouse, both dialects
+    raw_client,
+    signed_json,
+)
 from tigress_signal.bridge.libsignal import (
     KyberPreKey,
     LibsignalBridge,

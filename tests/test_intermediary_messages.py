@@ -11,10 +11,12 @@ import pytest
 
 from intermediary_fixtures import (
     KIB,
+    NO_LIMIT,
     Registered,
     assert_error_body,
     b64,
     database_rows,
+    database_url,  # noqa: F401 - autouse: every test runs on SQLite and PostgreSQL
     raw_client,
     register,
     running_server,
@@ -31,7 +33,8 @@ from tigress_signal.intermediary.server import IntermediaryServer
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[IntermediaryServer]:
-    async with running_server(tmp_path) as running:
+    # The send limit has its own tests (test_intermediary_limits.py); here it must not bite.
+    async with running_server(tmp_path, message_rate=NO_LIMIT) as running:
         yield running
 
 
@@ -142,7 +145,7 @@ async def test_content_of_96_kib_is_accepted_and_one_byte_more_is_413(alice, bob
         await alice.client.send_message(bob.uuid, message_to(bob, os.urandom(96 * KIB + 1)))
     assert caught.value.status == 413
     assert caught.value.body["error"] == "payload_too_large"
-    assert database_rows(tmp_path, "SELECT length(content) FROM messages") == [(96 * KIB,)]
+    assert await database_rows("SELECT length(content) FROM messages") == [(96 * KIB,)]
 
 
 async def test_a_body_over_the_limit_is_413_without_being_stored(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tigress_signal.errors import ConfigError, StoreError
+from tigress_signal.errors import ConfigError, StoreError, StoreUnavailable
 from tigress_signal.storage import (
     Connection,
     Database,
@@ -18,6 +18,7 @@ from tigress_signal.storage import (
     schema_version,
     upgrade,
 )
+from tigress_signal.storage.throwaway import free_loopback_port
 
 
 @pytest.fixture
@@ -51,9 +52,19 @@ async def test_unreadable_urls_are_config_errors(url):
         await Database.open(url)
 
 
-async def test_postgresql_is_refused_until_its_backend_exists():
-    with pytest.raises(ConfigError, match="PostgreSQL"):
-        await Database.open("postgresql://user@127.0.0.1/db")
+async def test_an_unreachable_postgresql_server_is_store_unavailable_with_the_password_hidden():
+    port = free_loopback_port()  # nothing listens there
+    with pytest.raises(StoreUnavailable) as caught:
+        await Database.open(f"postgresql://user:secret@127.0.0.1:{port}/db")
+    assert "secret" not in str(caught.value) and caught.value.hint
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://127.0.0.1:5432/", "postgresql://h:port/db", "postgres://x:99999999/d"]
+)
+async def test_unreadable_postgresql_urls_are_config_errors(url):
+    with pytest.raises(ConfigError):
+        await Database.open(url)
 
 
 async def test_a_missing_folder_is_a_store_error(tmp_path):

@@ -12,7 +12,12 @@ import pytest
 import websockets.asyncio.client
 import websockets.exceptions
 
-from intermediary_fixtures import Registered, register, running_server
+from intermediary_fixtures import (
+    Registered,
+    database_url,  # noqa: F401 - autouse, both dialects
+    register,
+    running_server,
+)
 from tigress_signal.errors import AuthenticationFailed, ChannelClosed, ChannelError
 from tigress_signal.intermediary.client import (
     Delivery,

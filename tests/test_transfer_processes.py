@@ -19,6 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 SAMPLES = (
     Path(__file__).resolve().parents[1] / "src" / "tigress_signal" / "credentials" / "samples"
@@ -141,6 +143,18 @@ def test_stateless_file_share_across_processes(
     exported = tmp_path / "exported"
     ok("export", "--wallet", str(wallets.bob), share_id, "--out", str(exported))
     assert exported.read_bytes() == original
+    assert exported.stat().st_mode & 0o777 == 0o600
+    # An existing file is not replaced unless asked; a folder is not a file.
+    exported.write_bytes(b"mine")
+    again = cli("export", "--wallet", str(wallets.bob), share_id, "--out", str(exported))
+    assert again.returncode == 1
+    assert "exists" in again.stderr
+    assert exported.read_bytes() == b"mine"
+    ok("export", "--wallet", str(wallets.bob), share_id, "--out", str(exported), "--force")
+    assert exported.read_bytes() == original
+    into_folder = cli("export", "--wallet", str(wallets.bob), share_id, "--out", str(tmp_path))
+    assert into_folder.returncode == 1
+    assert "is a folder" in into_folder.stderr
 
     inbox = ok("inbox", "--wallet", str(wallets.alice))
     assert f"{share_id} sender" in inbox
@@ -205,7 +219,14 @@ def test_stateful_digital_key_across_processes(wallets: Wallets):
         "lock front-door: unlocked"
     )
     # The lock refuses the key under another owner's public key.
-    other = ok("lock", "owner-key", "--wallet", str(wallets.bob), "front-door")
+    # Bob's wallet never offered keys to the front door: it has no owner key to show.
+    assert cli("lock", "owner-key", "--wallet", str(wallets.bob), "front-door").returncode == 1
+    other = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .hex()
+    )
     refused = cli("lock", "try", "--wallet", str(wallets.bob), share_id, "--owner-key", other)
     assert refused.returncode == 1
     assert refused.stderr.startswith("error:")

@@ -111,8 +111,12 @@ class CredentialChannel(abc.ABC):
         """
         return SealedMessage(peer, _plain_wire(payload, summary))
 
-    async def settle(self, sealed: SealedMessage, *, stored: bool) -> None:
-        """Release what :meth:`seal` held; when not ``stored``, forget what it changed."""
+    async def settle(self, sealed: SealedMessage, *, stored: bool) -> None:  # noqa: B027
+        """Release what :meth:`seal` held; when not ``stored``, forget what it changed.
+
+        The default seal holds nothing and changes nothing, so there is nothing to do here;
+        channels that encrypt in :meth:`seal` override it.
+        """
 
     async def deliver(self, sealed: SealedMessage) -> None:
         """Hand a stored sealed message over; may be called again for the same message.

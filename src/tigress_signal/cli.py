@@ -12,18 +12,22 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
+import os
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import qrcode
+from pydantic import ValidationError
 
 from tigress_signal import __version__
 from tigress_signal.credentials import (
     ReferenceLock,
     provisioning_from_file,
 )
+from tigress_signal.credentials.messages import describe_validation_error
 from tigress_signal.errors import ConfigError, TigressSignalError
 from tigress_signal.shares.service import DigitalKeyTerms, Share
 from tigress_signal.shares.states import ShareState
@@ -40,8 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    # A server logs what it does (it has no other output); other commands only when asked.
+    chatty = args.log or getattr(args, "run", None) is _serve
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO if args.log else logging.WARNING,
+        level=logging.DEBUG if args.verbose else logging.INFO if chatty else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not hasattr(args, "run"):
@@ -51,6 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = asyncio.run(args.run(args))
     except TigressSignalError as exc:
         print(f"error: {exc.user_message()}", file=sys.stderr)
+        return EXIT_FAILED
+    except ValidationError as exc:
+        print(f"error: {describe_validation_error(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_FAILED
     except TimeoutError:
         print("error: timed out waiting for the peer", file=sys.stderr)
@@ -80,6 +93,35 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--database", help="database URL, e.g. sqlite:///var/intermediary.db")
     serve.set_defaults(run=_serve)
 
+    relay = commands.add_parser("relay", help="the Tigress mailbox relay").add_subparsers(
+        title="relay commands", metavar="COMMAND", required=True
+    )
+    relay_serve = relay.add_parser("serve", help="run a Tigress mailbox relay")
+    relay_serve.add_argument("--config", type=Path, help="relay TOML configuration file")
+    relay_serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    relay_serve.add_argument("--port", type=int, help="port to listen on (default 8480)")
+    relay_serve.add_argument("--database", help="database URL, e.g. sqlite:///relay.db")
+    relay_serve.add_argument(
+        "--public-url", help="origin share links name, e.g. https://relay.example"
+    )
+    relay_serve.set_defaults(run=_relay_serve)
+
+    compare = commands.add_parser(
+        "compare", help="run transfers over each channel and write a comparison report"
+    )
+    compare.add_argument(
+        "--stateless", type=int, default=3, help="stateless transfers per channel"
+    )
+    compare.add_argument("--stateful", type=int, default=3, help="stateful transfers per channel")
+    compare.add_argument("--out", type=Path, default=Path("compare-report"), help="report folder")
+    compare.add_argument(
+        "--hardened",
+        action="store_true",
+        help="relay channel in the hardened mode (AEAD position)",
+    )
+    compare.add_argument("--no-progress", action="store_true", help="no progress bar")
+    compare.set_defaults(run=_compare)
+
     wallet = commands.add_parser("wallet", help="create or show a wallet").add_subparsers(
         title="wallet commands", metavar="COMMAND", required=True
     )
@@ -102,21 +144,21 @@ def _parser() -> argparse.ArgumentParser:
     share.add_argument("--media-type", help="media type of --file (guessed if absent)")
     share.add_argument("--title", required=True)
     share.add_argument("--description", default="")
-    share.add_argument("--valid-days", type=float, default=7.0, help="digital key validity")
-    share.add_argument("--expires-in", type=float, default=48.0, help="offer lifetime, hours")
+    share.add_argument("--valid-days", type=_days, default=7.0, help="digital key validity (days)")
+    share.add_argument("--expires-in", type=_hours, default=48.0, help="offer lifetime (hours)")
     share.add_argument(
-        "--wait", type=float, default=0.0, help="seconds to wait for the share to complete"
+        "--wait", type=_seconds, default=0.0, help="seconds to wait for the share to complete"
     )
     share.set_defaults(run=_share)
 
     sync = commands.add_parser("sync", help="process arrived messages, then exit")
     sync.add_argument("--wallet", type=Path, required=True)
-    sync.add_argument("--idle", type=float, default=1.5, help="exit after this quiet time")
+    sync.add_argument("--idle", type=_seconds, default=1.5, help="exit after this quiet time")
     sync.set_defaults(run=_sync)
 
     inbox = commands.add_parser("inbox", help="process arrived messages and list shares")
     inbox.add_argument("--wallet", type=Path, required=True)
-    inbox.add_argument("--idle", type=float, default=1.5, help="wait this long for messages")
+    inbox.add_argument("--idle", type=_seconds, default=1.5, help="wait this long for messages")
     inbox.set_defaults(run=_inbox)
 
     for name, helptext in (("accept", "accept an offer"), ("decline", "decline an offer")):
@@ -124,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
         answer.add_argument("--wallet", type=Path, required=True)
         answer.add_argument("share_id")
         answer.add_argument(
-            "--wait", type=float, default=30.0, help="seconds to wait for the share to complete"
+            "--wait", type=_seconds, default=30.0, help="seconds to wait for the share to complete"
         )
         answer.set_defaults(run=_accept if name == "accept" else _decline)
 
@@ -137,6 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--wallet", type=Path, required=True)
     export.add_argument("share_id")
     export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--force", action="store_true", help="replace an existing file")
     export.set_defaults(run=_export)
 
     safety = commands.add_parser(
@@ -164,6 +207,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bounded(name: str, low: float, high: float, *, low_ok: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number of ``name`` within [low or (low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of {name}") from None
+        above_low = value >= low if low_ok else value > low
+        if not (math.isfinite(value) and above_low and value <= high):
+            bound = "at least" if low_ok else "more than"
+            raise argparse.ArgumentTypeError(
+                f"{text} {name}: must be {bound} {low:g} and at most {high:g}"
+            )
+        return value
+
+    return parse
+
+
+_seconds = _bounded("seconds", 0, 24 * 3600, low_ok=True)
+_hours = _bounded("hours", 0, 24 * 365, low_ok=False)
+_days = _bounded("days", 0, 3650, low_ok=False)
+
+
 # -- commands ---------------------------------------------------------------------------------
 
 
@@ -172,9 +239,44 @@ async def _serve(args: argparse.Namespace) -> int:
     from tigress_signal.intermediary.server import serve
 
     overrides = {"host": args.host, "port": args.port, "database_url": args.database}
-    config = load_intermediary_config(args.config, {k: v for k, v in overrides.items() if v})
+    config = load_intermediary_config(
+        args.config, {k: v for k, v in overrides.items() if v is not None}
+    )
     await serve(config)
     return 0
+
+
+async def _relay_serve(args: argparse.Namespace) -> int:
+    from tigress_signal.relay.config import load_relay_config
+    from tigress_signal.relay.server import serve as serve_relay
+
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "database_url": args.database,
+        "public_url": args.public_url,
+    }
+    config = load_relay_config(args.config, {k: v for k, v in overrides.items() if v is not None})
+    await serve_relay(config)
+    return 0
+
+
+async def _compare(args: argparse.Namespace) -> int:
+    from tigress_signal.evaluation.runner import CompareSettings, run_comparison
+
+    if args.stateless < 0 or args.stateful < 0 or args.stateless + args.stateful == 0:
+        raise ConfigError("--stateless and --stateful must be 0 or more, and not both 0")
+    settings = CompareSettings(
+        stateless=args.stateless,
+        stateful=args.stateful,
+        out=args.out,
+        hardened=args.hardened,
+        progress=not args.no_progress,
+    )
+    result = await run_comparison(settings)
+    print(result.summary_text())
+    print(f"report written to {args.out}/ (report.md, report.json, report.html, plots)")
+    return 0 if result.all_completed else EXIT_FAILED
 
 
 async def _wallet_init(args: argparse.Namespace) -> int:
@@ -187,9 +289,11 @@ async def _wallet_init(args: argparse.Namespace) -> int:
 async def _wallet_show(args: argparse.Namespace) -> int:
     async with await Wallet.open(args.folder) as wallet:
         print(f"account   {wallet.account_id}")
-        print(f"device    {wallet.account.device_id}")
+        if wallet.account is not None:
+            print(f"device    {wallet.account.device_id}")
         print(f"channel   {wallet.config.channel}")
-        print(f"server    {wallet.config.server_url()}")
+        if wallet.config.selfhosted is not None:
+            print(f"server    {wallet.config.server_url()}")
     return 0
 
 
@@ -278,8 +382,21 @@ async def _cancel(args: argparse.Namespace) -> int:
 async def _export(args: argparse.Namespace) -> int:
     async with await Wallet.open(args.wallet) as wallet:
         credential = wallet.shares.credential(args.share_id)
-        args.out.write_bytes(credential.content)
-        print(f"{credential.media_type} {len(credential.content)} bytes -> {args.out}")
+    if args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a folder; name the file to write")
+    # A credential (a digital key holds its private key) is written readable by its owner
+    # only, and never over an existing file unless asked.
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.force else os.O_EXCL)
+    try:
+        descriptor = os.open(args.out, flags, 0o600)
+    except FileExistsError:
+        raise ConfigError(
+            f"{args.out} exists", hint="choose another file or add --force to replace it"
+        ) from None
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(credential.content)
+    os.chmod(args.out, 0o600)
+    print(f"{credential.media_type} {len(credential.content)} bytes -> {args.out}")
     return 0
 
 
@@ -298,7 +415,7 @@ async def _safety_number(args: argparse.Namespace) -> int:
 
 async def _lock_owner_key(args: argparse.Namespace) -> int:
     async with await Wallet.open(args.wallet) as wallet:
-        print(wallet.shares.owner_key(args.lock_id).public_key_der.hex())
+        print(wallet.shares.existing_owner_key(args.lock_id).public_key_der.hex())
     return 0
 
 

@@ -17,17 +17,38 @@ so a caller only ever needs to catch :class:`TigressSignalError` or one of its b
     │       ├── UnknownPreKey            message names a prekey this wallet does not hold
     │       └── InvalidSignature         a prekey signature does not verify
     ├── StoreError                       the wallet's SQLite store (wallet/store.py)
-    │   └── StoreLocked                  another process has this wallet open
+    │   ├── StoreLocked                  another process has this wallet open
+    │   └── StoreUnavailable             a database server cannot be reached (storage/)
     ├── ServerApiError                   the intermediary answered with an error (has .status)
     │   ├── AuthenticationFailed         401: wrong account id or password
     │   ├── NotFound                     404: no such account, device or message
     │   ├── MismatchedDevices            409: the device list of the recipient differs
     │   ├── StaleDevices                 410: a recipient device re-registered
     │   ├── PayloadTooLarge              413: a message is over the size limit
-    │   └── RateLimited                  429: slow down (has .retry_after)
+    │   ├── RateLimited                  429: slow down (has .retry_after)
+    │   ├── InvalidLinkCode              403: a device link code is wrong, used or expired
+    │   ├── DeviceLimitReached           409: the account has the most devices it may have
+    │   └── PreKeyIdReused               409: an upload reuses a key id for other key material
+    ├── SignalCliError                   signal-cli over D-Bus or JSON-RPC (bridge/signal_cli_*.py)
+    │   ├── SignalCliUnavailable         no daemon on the bus or socket, or it went away mid-call
+    │   ├── SignalCliUnsupported         the daemon lacks the interface or method we need
+    │   ├── SignalCliAccountNotFound     the account is not in this daemon
+    │   ├── SignalCliInvalidNumber       a phone number that is not E.164 (names the input)
+    │   ├── SignalCliUnregisteredUser    the recipient has no Signal account
+    │   ├── SignalCliUntrustedIdentity   the recipient's identity key changed and is not trusted
+    │   ├── SignalCliRateLimited         Signal wants a pause or a captcha (has .challenge_token)
+    │   └── SignalCliFailure             any other failure signal-cli reported (unknown names too)
     ├── ChannelError                     a CredentialChannel could not send or receive
     │   ├── ChannelClosed                the channel was closed
     │   └── UnknownPeer                  no such recipient on this channel
+    ├── RelayError                       the Tigress relay and its client (relay/, tigress_relay)
+    │   ├── RelayApiError                the relay answered with an error status (has .status)
+    │   │   ├── ClaimRejected            401: the device claim is not bound to the mailbox
+    │   │   ├── MailboxNotFound          404: no such mailbox (never was, deleted or expired)
+    │   │   ├── MailboxTooLarge          413: a payload or display text over the relay's limit
+    │   │   └── RelayRateLimited         429: slow down (has .retry_after)
+    │   ├── InvalidShareLink             a share link that does not parse, or an untrusted relay
+    │   └── PayloadRejected              a payload failed AES-GCM (tampered, replayed, reflected)
     ├── ShareError                       the share state machine (shares/)
     │   ├── UnknownShare                 no share with that id in this wallet
     │   ├── InvalidTransition            message does not fit the share's state
@@ -149,6 +170,10 @@ class StoreLocked(StoreError):
     hint = "stop the other tigress-signal process using this wallet folder"
 
 
+class StoreUnavailable(StoreError):
+    """A database server (PostgreSQL) cannot be reached right now; trying later may work."""
+
+
 # -- intermediary HTTP API (client side) -----------------------------------------------------
 
 
@@ -224,6 +249,122 @@ class RateLimited(ServerApiError):
         self.retry_after = retry_after
 
 
+# -- signal-cli (client side) ---------------------------------------------------------------
+
+
+class SignalCliError(TigressSignalError):
+    """signal-cli refused a call or could not be reached.
+
+    Attributes:
+        error_name: the D-Bus error name or ``jsonrpc:<code>`` signal-cli answered with, or an
+            empty string when the error was found on our side.
+    """
+
+    def __init__(self, message: str, *, error_name: str = "", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.error_name = error_name
+
+
+class SignalCliUnavailable(SignalCliError):
+    """No signal-cli daemon answers on the bus or socket, or it went away during a call."""
+
+    hint = "start it with 'tigress-signal signal-cli start' (it needs Java 21+)"
+
+
+class SignalCliUnsupported(SignalCliError):
+    """The daemon does not offer the interface or method this client needs."""
+
+    hint = "use signal-cli 0.13.x started with 'daemon --dbus' and/or '--socket'"
+
+
+class SignalCliAccountNotFound(SignalCliError):
+    """The configured account is not one of the daemon's accounts."""
+
+    hint = "list the daemon's accounts with 'tigress-signal signal-cli accounts', or link one"
+
+
+class SignalCliInvalidNumber(SignalCliError):
+    """A phone number that cannot be read as E.164 (or a malformed ACI UUID)."""
+
+    hint = "write the number in international form, e.g. +4915112345678"
+
+
+class SignalCliUnregisteredUser(SignalCliError):
+    """The recipient has no Signal account."""
+
+    hint = "check the number; the receiver must have Signal installed"
+
+
+class SignalCliUntrustedIdentity(SignalCliError):
+    """The recipient's identity key changed and signal-cli does not trust the new one.
+
+    Attributes:
+        recipient: the recipient the send was for.
+    """
+
+    hint = "compare safety numbers with the receiver, then trust the new key in signal-cli"
+
+    def __init__(self, message: str, *, recipient: str = "", **kwargs: str) -> None:
+        super().__init__(message, **kwargs)
+        self.recipient = recipient
+
+
+class SignalCliRateLimited(SignalCliError):
+    """Signal's servers want the account to slow down, or to prove it is human.
+
+    Attributes:
+        challenge_token: the token to answer with a captcha (``submitRateLimitChallenge``),
+            when Signal gave one.
+        retry_after: seconds to wait, when Signal said.
+    """
+
+    hint = "wait before sending again, or solve the captcha and submit the challenge token"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        challenge_token: str | None = None,
+        retry_after: float | None = None,
+        **kwargs: str,
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.challenge_token = challenge_token
+        self.retry_after = retry_after
+
+
+class SignalCliFailure(SignalCliError):
+    """Any other failure signal-cli reported, including error names this client does not know."""
+
+    hint = "see the signal-cli daemon's log for details"
+
+
+class InvalidLinkCode(ServerApiError):
+    """403: the device link code is wrong, was used already, or expired."""
+
+    hint = "ask an existing device of the account for a new link code"
+
+
+class DeviceLimitReached(ServerApiError):
+    """409: the account already has as many devices as the server allows."""
+
+    hint = "remove a device of the account first"
+
+
+class PreKeyIdReused(ServerApiError):
+    """409: a prekey upload reuses a key id the server knows with other key material."""
+
+    @property
+    def reused(self) -> list[tuple[str, int]]:
+        """(field, key id) of each reused id, e.g. ``("preKeys", 7)``."""
+        entries = self.body.get("reused", [])
+        if not isinstance(entries, list):
+            return []
+        return [
+            (str(e.get("field")), int(e.get("keyId", -1))) for e in entries if isinstance(e, dict)
+        ]
+
+
 # -- channels --------------------------------------------------------------------------------
 
 
@@ -239,6 +380,67 @@ class UnknownPeer(ChannelError):
     """The recipient does not exist on this channel (e.g. no such account)."""
 
     hint = "check the receiver's account id"
+
+
+# -- Tigress relay ---------------------------------------------------------------------------
+
+
+class RelayError(TigressSignalError):
+    """The Tigress mailbox relay, or a client of it, failed."""
+
+
+class RelayApiError(RelayError):
+    """The relay answered with an error status.
+
+    Attributes:
+        status: the HTTP status code.
+        code: the relay's short error code (``"not_found"`` ...), or an empty string.
+    """
+
+    def __init__(self, message: str, *, status: int, code: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class ClaimRejected(RelayApiError):
+    """401: the device claim is not one of the two bound to the mailbox."""
+
+
+class MailboxNotFound(RelayApiError):
+    """404: the mailbox does not exist, was deleted, or has expired."""
+
+
+class MailboxTooLarge(RelayApiError):
+    """413: a payload or display text is larger than the relay accepts."""
+
+
+class RelayRateLimited(RelayApiError):
+    """429: too many requests from this address.
+
+    Attributes:
+        retry_after: seconds to wait before trying again, if the relay said.
+    """
+
+    def __init__(
+        self, message: str, *, status: int = 429, code: str = "", retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, status=status, code=code)
+        self.retry_after = retry_after
+
+
+class InvalidShareLink(RelayError):
+    """A share link does not parse, lacks its secret, or names a relay that is not trusted."""
+
+    hint = "ask the sender for the complete link, including the part after '#'"
+
+
+class PayloadRejected(RelayError):
+    """A mailbox payload did not authenticate under the share's secret.
+
+    In the hardened mode this is also what a payload replayed from earlier in the exchange, or
+    reflected back to its writer, looks like: its associated data names another position.
+    """
 
 
 # -- shares ----------------------------------------------------------------------------------

@@ -118,6 +118,8 @@ class SelfHostedChannel(CredentialChannel):
         """
         if self._closed.is_set():
             raise ChannelClosed("the self-hosted channel is closed")
+        if peer == self._account.account_id:
+            raise ChannelError("a wallet cannot share with itself", hint="name another account")
         lock = self._lock(peer)
         held = during is not None and during.peer == peer and during.envelope_id in self._in_flight
         if not held:

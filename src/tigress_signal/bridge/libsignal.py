@@ -34,7 +34,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -75,6 +75,8 @@ _LINE_LIMIT = 64 * 1024 * 1024
 _STDERR_KEPT = 20
 # Above this many bytes waiting for the sidecar, a caller waits for the pipe to drain.
 _WRITE_BUFFER_HIGH = 1024 * 1024
+# Bytes asked for per read of the sidecar's output (a pipe holds 64 KiB by default).
+_READ_SIZE = 256 * 1024
 
 
 class MessageType(enum.IntEnum):
@@ -363,14 +365,13 @@ class LibsignalBridge:
         self._start_timeout = start_timeout
         self._close_timeout = close_timeout
 
-        self._process: asyncio.subprocess.Process | None = None
+        self._running: _Sidecar | None = None
         self._alive = False
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._abandoned: set[int] = set()
         self._unanswered: set[int] = set()
-        self._outgoing: list[bytes] = []
         self._ids = itertools.count(1)
         self._start_lock = asyncio.Lock()
         self._peer_locks: dict[str, _PeerLock] = {}
@@ -395,7 +396,8 @@ class LibsignalBridge:
     @property
     def pid(self) -> int | None:
         """The running sidecar's process id, or None when none is running."""
-        return self._process.pid if self._process is not None and self._alive else None
+        running = self._running
+        return running.process.pid if running is not None and self._alive else None
 
     @property
     def starts(self) -> int:
@@ -563,8 +565,7 @@ class LibsignalBridge:
             InvalidSignature: a prekey signature does not verify against the identity key.
         """
         params = {"address": address.to_json(), "bundle": bundle.to_json()}
-        async with self._peer_turn(address.name):
-            result = await self._call("processPreKeyBundle", params)
+        result = await self._peer_call(address.name, "processPreKeyBundle", params)
         return SessionResult(_changes(result), _events(result))
 
     async def encrypt(self, address: ProtocolAddress, plaintext: bytes) -> EncryptResult:
@@ -574,12 +575,11 @@ class LibsignalBridge:
             NoSession: there is no session with that device.
             UntrustedIdentity: the session's identity key is no longer the trusted one.
         """
-        params = {"address": address.to_json(), "plaintext": _b64(plaintext)}
-        async with self._peer_turn(address.name):
-            result = await self._call("encrypt", params)
+        params = {"address": address.to_json(), "plaintext": bytes(plaintext)}
+        result = await self._peer_call(address.name, "encrypt", params)
         return EncryptResult(
             MessageType(int(result["type"])),
-            _unb64(result["ciphertext"]),
+            _bytes(result, result["ciphertext"]),
             _changes(result),
             _events(result),
         )
@@ -603,11 +603,11 @@ class LibsignalBridge:
         params = {
             "address": address.to_json(),
             "type": int(message_type),
-            "ciphertext": _b64(ciphertext),
+            "ciphertext": bytes(ciphertext),
         }
-        async with self._peer_turn(address.name):
-            result = await self._call("decrypt", params)
-        return DecryptResult(_unb64(result["plaintext"]), _changes(result), _events(result))
+        result = await self._peer_call(address.name, "decrypt", params)
+        plaintext = _bytes(result, result["plaintext"])
+        return DecryptResult(plaintext, _changes(result), _events(result))
 
     async def evict(self, records: Iterable[RecordChange | tuple[RecordKind, str]]) -> None:
         """Drop records from the sidecar's cache so the next use reloads the wallet's copy.
@@ -626,42 +626,42 @@ class LibsignalBridge:
 
     # -- calls -------------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _peer_turn(self, name: str) -> AsyncIterator[None]:
+    async def _peer_call(self, name: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`_call`, one at a time for each peer."""
         peer = self._peer_locks.get(name)
         if peer is None:
             peer = self._peer_locks[name] = _PeerLock()
         peer.users += 1
         try:
             async with peer.lock:
-                yield
+                return await self._call(method, params)
         finally:
             peer.users -= 1
             if peer.users == 0:
                 del self._peer_locks[name]
 
     async def _call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        process = await self._ensure_running()
-        answer = await self._request(process, method, params)
+        sidecar = await self._ensure_running()
+        answer = await self._request(sidecar, method, params)
         error = answer.get("error")
         if error is not None:
             raise _error_from(method, error)
         result = answer.get("result")
         if not isinstance(result, dict):
             raise BridgeProtocolError(f"sidecar answered {method} without a result")
+        blobs = answer.get("blobs")
+        if blobs is not None:
+            result["blobs"] = blobs  # where the byte fields given as blob indices are
         return result
 
     async def _request(
-        self, process: asyncio.subprocess.Process, method: str, params: dict[str, Any]
+        self, sidecar: _Sidecar, method: str, params: dict[str, Any]
     ) -> dict[str, Any]:
         request_id = next(self._ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[dict[str, Any]] = self._loop().create_future()
         self._pending[request_id] = future
-        line = json.dumps(
-            {"id": request_id, "method": method, "params": params}, separators=(",", ":")
-        )
         try:
-            await self._write(process, line)
+            await self._write(sidecar, _request_frame(request_id, method, params))
             async with asyncio.timeout(self._call_timeout):
                 return await future
         except TimeoutError:
@@ -670,7 +670,7 @@ class LibsignalBridge:
                 method,
                 self._call_timeout,
             )
-            self._kill(process)
+            self._kill(sidecar)
             raise BridgeUnavailable(
                 f"the libsignal sidecar did not answer {method} in time"
             ) from None
@@ -678,7 +678,7 @@ class LibsignalBridge:
             # The sidecar still finishes the call and caches its changes, which the caller
             # will never commit: have them evicted when the answer comes (see _dispatch).
             if future.done() and not future.cancelled() and future.exception() is None:
-                self._evict_changes(process, future.result())
+                self._evict_changes(sidecar, future.result())
             elif request_id in self._pending:
                 self._abandoned.add(request_id)
             raise
@@ -686,91 +686,130 @@ class LibsignalBridge:
             if request_id not in self._abandoned:
                 self._pending.pop(request_id, None)
 
-    async def _write(self, process: asyncio.subprocess.Process, line: str) -> None:
-        stdin = process.stdin
-        if stdin is None or not self._alive or stdin.is_closing():
+    async def _write(self, sidecar: _Sidecar, line: bytes) -> None:
+        if not self._alive or sidecar is not self._running or sidecar.stdin < 0:
             raise BridgeUnavailable("the libsignal sidecar is not running")
-        self._send(process, line.encode() + b"\n")
-        if stdin.transport.get_write_buffer_size() > _WRITE_BUFFER_HIGH:
-            try:
-                await stdin.drain()
-            except (ConnectionError, RuntimeError) as exc:
-                raise BridgeUnavailable("the libsignal sidecar stopped reading its input") from exc
+        self._send(sidecar, line)
+        if sidecar.queued > _WRITE_BUFFER_HIGH:
+            await self._drained(sidecar)
 
-    def _send(self, process: asyncio.subprocess.Process, data: bytes) -> None:
-        # Lines written in one event-loop turn go out in one write: when several conversations
-        # are in flight, the sidecar wakes once for the lot instead of once per request.
-        if process is not self._process:
-            return  # an answer for a sidecar that has been replaced
-        self._outgoing.append(data)
-        if len(self._outgoing) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        data, self._outgoing = b"".join(self._outgoing), []
-        process = self._process
-        stdin = None if process is None else process.stdin
-        if process is None or stdin is None or stdin.is_closing():
-            return  # the sidecar is gone; its reader fails the calls that were waiting
+    def _send(self, sidecar: _Sidecar, data: bytes) -> None:
+        # Write at once: one system call, and the sidecar can start before this task next
+        # yields. Only what the pipe does not take is kept, in order, for when it is writable.
+        if sidecar is not self._running or sidecar.stdin < 0:
+            return  # an answer for a sidecar that has been replaced or is closing
+        if sidecar.outgoing:
+            sidecar.outgoing.append(data)
+            sidecar.queued += len(data)
+            return
         try:
-            stdin.write(data)
-        except (ConnectionError, RuntimeError):
+            written = os.write(sidecar.stdin, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
             logger.warning("writing to the libsignal sidecar failed; it will be restarted")
-            self._kill(process)
+            self._kill(sidecar)
+            return
+        if written < len(data):
+            rest = data[written:]
+            sidecar.outgoing.append(rest)
+            sidecar.queued = len(rest)
+            self._loop().add_writer(sidecar.stdin, self._on_writable, sidecar)
+
+    def _on_writable(self, sidecar: _Sidecar) -> None:
+        data = b"".join(sidecar.outgoing)
+        try:
+            written = os.write(sidecar.stdin, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            logger.warning("writing to the libsignal sidecar failed; it will be restarted")
+            self._kill(sidecar)
+            self._close_input(sidecar)
+            return
+        rest = data[written:]
+        sidecar.outgoing = [rest] if rest else []
+        sidecar.queued = len(rest)
+        if not rest:
+            self._loop().remove_writer(sidecar.stdin)
+            sidecar.wake_writers(None)
+
+    async def _drained(self, sidecar: _Sidecar) -> None:
+        waiter: asyncio.Future[None] = self._loop().create_future()
+        sidecar.drain_waiters.append(waiter)
+        try:
+            await waiter
+        except ConnectionError as exc:
+            raise BridgeUnavailable("the libsignal sidecar stopped reading its input") from exc
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
 
     # -- the sidecar process -----------------------------------------------------------------
 
-    async def _ensure_running(self) -> asyncio.subprocess.Process:
-        process = self._process
-        if process is not None and self._alive:
-            return process
+    async def _ensure_running(self) -> _Sidecar:
+        sidecar = self._running
+        if sidecar is not None and self._alive:
+            return sidecar
         async with self._start_lock:
-            process = self._process
-            if process is not None and self._alive:
-                return process
+            sidecar = self._running
+            if sidecar is not None and self._alive:
+                return sidecar
             if self._closed:
                 raise BridgeUnavailable("the libsignal bridge is closed")
-            if process is not None:
+            if sidecar is not None:
                 # The previous sidecar died: reap it before starting the next one.
                 await self._stop_process()
                 logger.warning("libsignal sidecar exited; starting a new one")
             return await self._spawn()
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
+    async def _spawn(self) -> _Sidecar:
         node = self._node or os.environ.get(NODE_ENV) or shutil.which("node")
         if node is None:
             raise BridgeUnavailable(f"Node.js (node) was not found on the PATH; {_SETUP_HINT}")
         script = locate_sidecar(self._sidecar)
         self._stderr_tail.clear()
-        self._outgoing = []
+        # Our own pipes for the protocol, read and written straight from the event loop
+        # without stream objects in between; stderr stays an asyncio stream.
+        child_stdin, stdin = os.pipe()
+        stdout, child_stdout = os.pipe()
         try:
             process = await asyncio.create_subprocess_exec(
                 node,
                 str(script),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
+                stdin=child_stdin,
+                stdout=child_stdout,
                 stderr=asyncio.subprocess.PIPE,
                 cwd=script.parent,
-                limit=_LINE_LIMIT,
             )
-        except OSError as exc:
-            raise BridgeUnavailable(
-                f"could not start the libsignal sidecar with {node}: {exc}; {_SETUP_HINT}"
-            ) from exc
-        self._process = process
+        except BaseException as exc:
+            os.close(stdin)
+            os.close(stdout)
+            if isinstance(exc, OSError):
+                raise BridgeUnavailable(
+                    f"could not start the libsignal sidecar with {node}: {exc}; {_SETUP_HINT}"
+                ) from exc
+            raise
+        finally:
+            os.close(child_stdin)
+            os.close(child_stdout)
+        os.set_blocking(stdin, False)
+        os.set_blocking(stdout, False)
+        sidecar = _Sidecar(process, stdin, stdout)
+        self._running = sidecar
         self._alive = True
         self._starts += 1
+        self._loop().add_reader(stdout, self._on_readable, sidecar)
         self._tasks = [
-            asyncio.create_task(self._read_answers(process), name="libsignal-sidecar-stdout"),
             asyncio.create_task(self._read_diagnostics(process), name="libsignal-sidecar-stderr"),
         ]
 
         # Health check, then restore the wallet's identity if one was opened before.
         try:
             async with asyncio.timeout(self._start_timeout):
-                answer = await self._request(process, "ping", {})
+                answer = await self._request(sidecar, "ping", {})
                 if self._open_params is not None:
-                    reopened = await self._request(process, "open", self._open_params)
+                    reopened = await self._request(sidecar, "open", self._open_params)
                     if "error" in reopened:
                         raise _error_from("open", reopened["error"])
         except (TimeoutError, BridgeError) as exc:
@@ -782,15 +821,15 @@ class LibsignalBridge:
             ) from exc
         version = answer.get("result", {}).get("libsignalVersion")
         logger.info("libsignal sidecar started (pid %d, libsignal %s)", process.pid, version)
-        return process
+        return sidecar
 
     async def _stop_process(self) -> None:
-        process = self._process
-        if process is None:
+        sidecar = self._running
+        if sidecar is None:
             return
+        process = sidecar.process
         self._alive = False
-        if process.stdin is not None and not process.stdin.is_closing():
-            process.stdin.close()
+        self._close_input(sidecar)  # the sidecar exits when its stdin closes
         try:
             await asyncio.wait_for(process.wait(), self._close_timeout)
         except TimeoutError:
@@ -803,18 +842,33 @@ class LibsignalBridge:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 await process.wait()
+        # The process is gone: take in what it wrote last, then close its output.
+        while sidecar.stdout >= 0 and self._on_readable(sidecar):
+            pass
+        self._output_ended(sidecar)
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
         self._fail_pending(BridgeUnavailable("the libsignal sidecar was stopped"))
-        self._process = None
+        self._running = None
 
-    def _kill(self, process: asyncio.subprocess.Process) -> None:
-        if self._process is process:
+    def _close_input(self, sidecar: _Sidecar) -> None:
+        if sidecar.stdin < 0:
+            return
+        if sidecar.outgoing:
+            self._loop().remove_writer(sidecar.stdin)
+        os.close(sidecar.stdin)
+        sidecar.stdin = -1
+        sidecar.outgoing = []
+        sidecar.queued = 0
+        sidecar.wake_writers(ConnectionResetError("the sidecar's input is closed"))
+
+    def _kill(self, sidecar: _Sidecar) -> None:
+        if self._running is sidecar:
             self._alive = False
         with contextlib.suppress(ProcessLookupError):
-            process.kill()
+            sidecar.process.kill()
 
     def _fail_pending(self, error: BridgeUnavailable) -> None:
         pending, self._pending = self._pending, {}
@@ -826,19 +880,97 @@ class LibsignalBridge:
                 # Nobody may be waiting any more (an abandoned call): don't warn about it.
                 future.exception()
 
-    async def _read_answers(self, process: asyncio.subprocess.Process) -> None:
-        stdout = process.stdout
-        assert stdout is not None
+    def _on_readable(self, sidecar: _Sidecar) -> bool:
+        """Read what the sidecar wrote and dispatch every complete message, in this loop turn.
+
+        Returns:
+            Whether there may be more to read (False at the end of the output or when the pipe
+            is empty for now).
+        """
         try:
-            while line := await stdout.readline():
-                self._dispatch(process, line)
-        except (ValueError, ConnectionError) as exc:
+            # Into a buffer kept for the purpose: a fresh _READ_SIZE object per read would cost
+            # a large allocation and a shrink for every answer.
+            size = os.readv(sidecar.stdout, (sidecar.buffer,))
+        except BlockingIOError:
+            return False
+        except OSError as exc:
             logger.error("reading the libsignal sidecar's output failed: %s", exc)
-            self._kill(process)
-        finally:
-            if self._process is process:
-                self._alive = False
-                self._fail_pending(BridgeUnavailable("the libsignal sidecar exited mid-call"))
+            self._kill(sidecar)
+            size = 0
+        if size == 0:
+            self._output_ended(sidecar)
+            return False
+        data = sidecar.view[:size].tobytes()
+        if sidecar.partial:
+            # Only join the pieces once they hold a whole line, or all of the awaited blobs.
+            sidecar.partial.append(data)
+            sidecar.partial_size += size
+            awaiting = sidecar.awaiting
+            if awaiting is None and data.find(b"\n") < 0:
+                if sidecar.partial_size > _LINE_LIMIT:
+                    logger.error("the libsignal sidecar wrote a line over %d bytes", _LINE_LIMIT)
+                    self._kill(sidecar)
+                    sidecar.partial, sidecar.partial_size = [], 0
+                return True
+            if awaiting is not None and sidecar.partial_size < awaiting[1]:
+                return True
+            data = b"".join(sidecar.partial)
+            sidecar.partial, sidecar.partial_size = [], 0
+        self._take(sidecar, data)
+        return True
+
+    def _take(self, sidecar: _Sidecar, data: bytes) -> None:
+        """Dispatch the messages in ``data``; keep an incomplete one's bytes for later."""
+        start = 0
+        while True:
+            awaiting = sidecar.awaiting
+            if awaiting is not None:
+                message, size = awaiting
+                if len(data) - start < size:
+                    break
+                blobs = []
+                for length in message["blobs"]:
+                    blobs.append(data[start : start + length])
+                    start += length
+                message["blobs"] = blobs
+                sidecar.awaiting = None
+                self._dispatch(sidecar, message)
+                continue
+            end = data.find(b"\n", start)
+            if end < 0:
+                break
+            line = data[start:end]
+            start = end + 1
+            try:
+                message = json.loads(line)
+                lengths = message.get("blobs")
+            except (ValueError, TypeError, AttributeError):
+                logger.error(
+                    "libsignal sidecar wrote a line that is not our protocol; restarting it"
+                )
+                self._kill(sidecar)
+                continue
+            if lengths is None:
+                self._dispatch(sidecar, message)
+                continue
+            size = _blobs_size(lengths)
+            if size < 0:
+                logger.error("libsignal sidecar announced malformed blobs; restarting it")
+                self._kill(sidecar)
+                return
+            sidecar.awaiting = (message, size)
+        if start < len(data):
+            sidecar.partial.append(data[start:] if start else data)
+            sidecar.partial_size = len(data) - start
+
+    def _output_ended(self, sidecar: _Sidecar) -> None:
+        if sidecar.stdout >= 0:
+            self._loop().remove_reader(sidecar.stdout)
+            os.close(sidecar.stdout)
+            sidecar.stdout = -1
+        if self._running is sidecar:
+            self._alive = False
+            self._fail_pending(BridgeUnavailable("the libsignal sidecar exited mid-call"))
 
     async def _read_diagnostics(self, process: asyncio.subprocess.Process) -> None:
         stderr = process.stderr
@@ -849,16 +981,15 @@ class LibsignalBridge:
                 self._stderr_tail.append(text)
                 logger.warning("sidecar: %s", text)
 
-    def _dispatch(self, process: asyncio.subprocess.Process, line: bytes) -> None:
+    def _dispatch(self, sidecar: _Sidecar, message: Any) -> None:
         try:
-            message = json.loads(line)
             message_id = message["id"]
-        except (ValueError, TypeError, KeyError):
+        except (TypeError, KeyError):
             logger.error("libsignal sidecar wrote a line that is not our protocol; restarting it")
-            self._kill(process)
+            self._kill(sidecar)
             return
         if message.get("method") == "load":
-            self._answer_load(process, message_id, message.get("params") or {})
+            self._answer_load(sidecar, message_id, message.get("params") or {})
             return
         if message_id in self._unanswered:
             self._unanswered.discard(message_id)
@@ -867,15 +998,13 @@ class LibsignalBridge:
         if message_id in self._abandoned:
             self._abandoned.discard(message_id)
             self._pending.pop(message_id, None)
-            self._evict_changes(process, message)
+            self._evict_changes(sidecar, message)
         if future is None:
             logger.warning("libsignal sidecar answered unknown request %r", message_id)
         elif not future.done():
             future.set_result(message)
 
-    def _answer_load(
-        self, process: asyncio.subprocess.Process, load_id: str, params: dict[str, Any]
-    ) -> None:
+    def _answer_load(self, sidecar: _Sidecar, load_id: str, params: dict[str, Any]) -> None:
         kind, key = params.get("kind"), params.get("key")
         answer: dict[str, Any]
         if kind not in RECORD_KINDS or not isinstance(key, str):
@@ -892,18 +1021,61 @@ class LibsignalBridge:
             else:
                 encoded = None if value is None else _b64(value)
                 answer = {"id": load_id, "result": {"value": encoded}}
-        self._send(process, json.dumps(answer, separators=(",", ":")).encode() + b"\n")
+        self._send(sidecar, _dumps(answer))
 
-    def _evict_changes(self, process: asyncio.subprocess.Process, message: dict[str, Any]) -> None:
+    def _evict_changes(self, sidecar: _Sidecar, message: dict[str, Any]) -> None:
         changes = (message.get("result") or {}).get("changes") or []
-        if not changes or process.stdin is None or process.stdin.is_closing():
+        if not changes or sidecar is not self._running or sidecar.stdin < 0:
             return
         records = [{"kind": c["kind"], "key": c["key"]} for c in changes]
         request_id = next(self._ids)
         self._unanswered.add(request_id)
         request = {"id": request_id, "method": "evict", "params": {"records": records}}
-        self._send(process, json.dumps(request, separators=(",", ":")).encode() + b"\n")
+        self._send(sidecar, _dumps(request))
         logger.info("evicted %d records of a cancelled call from the sidecar", len(records))
+
+
+class _Sidecar:
+    """A running sidecar: its process and the parent's non-blocking ends of its stdin and
+    stdout pipes (-1 once closed), with what is waiting to be written and a partial line."""
+
+    __slots__ = (
+        "awaiting",
+        "buffer",
+        "drain_waiters",
+        "outgoing",
+        "partial",
+        "partial_size",
+        "process",
+        "queued",
+        "stdin",
+        "stdout",
+        "view",
+    )
+
+    def __init__(self, process: asyncio.subprocess.Process, stdin: int, stdout: int) -> None:
+        self.process = process
+        self.stdin = stdin
+        self.stdout = stdout
+        self.outgoing: list[bytes] = []
+        self.queued = 0
+        self.drain_waiters: list[asyncio.Future[None]] = []
+        self.partial: list[bytes] = []
+        self.partial_size = 0
+        # A message whose line has been read, and the byte count of the blobs that follow it.
+        self.awaiting: tuple[dict[str, Any], int] | None = None
+        self.buffer = bytearray(_READ_SIZE)
+        self.view = memoryview(self.buffer)
+
+    def wake_writers(self, error: BaseException | None) -> None:
+        waiters, self.drain_waiters = self.drain_waiters, []
+        for waiter in waiters:
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
 
 
 @dataclass(slots=True)
@@ -969,7 +1141,9 @@ def _changes(result: dict[str, Any]) -> tuple[RecordChange, ...]:
             raise BridgeProtocolError(f"sidecar returned a change of unknown kind {kind!r}")
         value = change["value"]
         changes.append(
-            RecordChange(kind, str(change["key"]), None if value is None else _unb64(value))
+            RecordChange(
+                kind, str(change["key"]), None if value is None else _bytes(result, value)
+            )
         )
     return tuple(changes)
 
@@ -997,8 +1171,64 @@ def _signed_prekey(result: Mapping[str, Any]) -> SignedPreKey:
     )
 
 
+def _request_frame(request_id: int, method: str, params: dict[str, Any]) -> bytes:
+    """A request: its line and, when ``params`` holds bytes values, their blobs after it.
+
+    A ``bytes`` value at the top level of ``params`` travels as a blob, its field holding the
+    blob's index; the sidecar then answers with blobs as well.
+    """
+    blobs = [value for value in params.values() if isinstance(value, bytes)]
+    if not blobs:
+        return _dumps({"id": request_id, "method": method, "params": params})
+    wire: dict[str, Any] = {}
+    index = 0
+    for key, value in params.items():
+        if isinstance(value, bytes):
+            wire[key] = index
+            index += 1
+        else:
+            wire[key] = value
+    lengths = [len(blob) for blob in blobs]
+    line = _dumps({"id": request_id, "method": method, "params": wire, "blobs": lengths})
+    return b"".join([line, *blobs])
+
+
+def _blobs_size(lengths: Any) -> int:
+    """The byte count of the blobs a message announces, or -1 when ``blobs`` is malformed."""
+    if not isinstance(lengths, list):
+        return -1
+    size = 0
+    for length in lengths:
+        if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+            return -1
+        size += length
+    return size if size <= _LINE_LIMIT else -1
+
+
+def _bytes(result: dict[str, Any], value: Any) -> bytes:
+    """A byte field of an answer: base64 text, or the index of one of the answer's blobs."""
+    if isinstance(value, str):
+        return _unb64(value)
+    blobs = result.get("blobs")
+    if isinstance(value, int) and isinstance(blobs, list) and 0 <= value < len(blobs):
+        blob = blobs[value]
+        if isinstance(blob, bytes):
+            return blob
+    raise BridgeProtocolError(
+        "sidecar answered with a byte field that is neither base64 nor a blob"
+    )
+
+
+def _dumps(message: dict[str, Any]) -> bytes:
+    """One protocol line."""
+    return _ENCODER.encode(message).encode() + b"\n"
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 def _unb64(text: str) -> bytes:

@@ -1,17 +1,22 @@
 """The intermediary as an ASGI application: routes, error answers, request log, lifespan.
 
 ``create_app(config)`` returns a Starlette app. Starting it (its lifespan) opens and migrates
-the database and starts a libsignal sidecar for signature checks, unless a verifier is passed
-in; stopping it closes both.
+the database, starts a libsignal sidecar for signature checks (unless a verifier is passed
+in), records the process for presence, starts listening to other processes (PostgreSQL) and
+starts the heartbeat and retention sweep; stopping it undoes all of that, in reverse.
 
 Every answer is JSON. Errors the client caused are 4xx with ``{"error", "message"}``; anything
 unexpected is logged with its traceback and answered with a JSON 500, which tests treat as a
-bug. Each request is logged once, at INFO, with its method, route template (never the ids in
-the path), status and duration; never credentials, keys or message contents.
+bug; a database that cannot be reached is a 503 with ``Retry-After``. Each request is logged
+once, at INFO, with its method, route template (never the ids in the path), status and
+duration, and counted in the metrics; never credentials, keys or message contents. Every
+request except the operations endpoints first takes a permit of the per-address rate limit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -26,12 +31,16 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tigress_signal.bridge.libsignal import LibsignalBridge
-from tigress_signal.intermediary import accounts, keys, messages
-from tigress_signal.intermediary.api import ApiError, error_response, json_response
+from tigress_signal.errors import StoreUnavailable
+from tigress_signal.intermediary import accounts, devices, keys, messages, openapi, operations
+from tigress_signal.intermediary.api import ApiError, error_response
 from tigress_signal.intermediary.auth import Authenticator
 from tigress_signal.intermediary.config import IntermediaryConfig
 from tigress_signal.intermediary.context import ServerContext
-from tigress_signal.intermediary.delivery import DeliveryHub
+from tigress_signal.intermediary.delivery import DeliveryHub, Switchboard
+from tigress_signal.intermediary.limits import RateLimiter
+from tigress_signal.intermediary.maintenance import run_maintenance
+from tigress_signal.intermediary.metrics import Metrics
 from tigress_signal.intermediary.schema import INTERMEDIARY_SCHEMA
 from tigress_signal.intermediary.signatures import SignatureVerifier
 from tigress_signal.intermediary.websocket import CLOSE_INTERNAL_ERROR, websocket_endpoint
@@ -47,6 +56,8 @@ _HTTP_ERROR_CODES = {
     405: "method_not_allowed",
     413: "payload_too_large",
 }
+#: Paths monitoring polls; they bypass the per-address limit.
+_OPERATIONS_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json"})
 
 
 def create_app(
@@ -67,18 +78,22 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             try:
-                db = await Database.open(config.database_url)
+                db = await Database.open(config.database_url, pool_size=config.database_pool_size)
                 stack.push_async_callback(db.close)
                 version = await upgrade(db, INTERMEDIARY_SCHEMA)
                 checker = verifier
                 if checker is None:
                     checker = await _start_bridge(config, stack)
+                hub = DeliveryHub()
+                switchboard = Switchboard(db, hub)
+                await switchboard.start()
+                stack.push_async_callback(switchboard.aclose)
             except Exception as exc:
                 # Kept for whoever started the server (uvicorn only logs it).
                 app.state.startup_error = exc
                 raise
-            hub = DeliveryHub()
-            app.state.intermediary = ServerContext(
+            metrics = Metrics()
+            context = ServerContext(
                 config=config,
                 db=db,
                 verifier=checker,
@@ -88,19 +103,31 @@ def create_app(
                     kdf_concurrency=config.kdf_concurrency,
                 ),
                 hub=hub,
-                notifier=hub,
+                switchboard=switchboard,
+                limiter=RateLimiter(
+                    config, on_limited=lambda name: metrics.rate_limited.labels(name).inc()
+                ),
+                metrics=metrics,
             )
+            app.state.intermediary = context
+            maintenance = asyncio.create_task(run_maintenance(context), name="maintenance")
+            stack.push_async_callback(_cancel, maintenance)
             logger.info("intermediary ready (%s, schema version %d)", db.dialect, version)
             try:
                 yield
             finally:
+                context.draining.set()
                 app.state.intermediary = None
                 logger.info("intermediary stopping")
 
     app = Starlette(
         routes=_routes(),
-        middleware=[Middleware(RequestLogMiddleware)],
-        exception_handlers={HTTPException: _http_exception, ApiError: _api_error},
+        middleware=[Middleware(RequestLogMiddleware), Middleware(AddressLimitMiddleware)],
+        exception_handlers={
+            HTTPException: _http_exception,
+            ApiError: _api_error,
+            StoreUnavailable: _store_unavailable,
+        },
         lifespan=lifespan,
     )
     # A path with an extra trailing slash is an unknown path (a JSON 404), not a redirect
@@ -109,11 +136,31 @@ def create_app(
     return app
 
 
+def begin_draining(app: Starlette) -> None:
+    """Mark a running app as shutting down: ``/ready`` answers 503 from now on."""
+    context = getattr(app.state, "intermediary", None)
+    if isinstance(context, ServerContext):
+        context.draining.set()
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def _routes() -> list[BaseRoute]:
     return [
-        Route("/health", _health, methods=["GET"]),
+        Route("/health", operations.health, methods=["GET"]),
+        Route("/ready", operations.ready, methods=["GET"]),
+        Route("/metrics", operations.metrics, methods=["GET"]),
+        Route("/openapi.json", openapi.openapi_document, methods=["GET"]),
         Route("/v1/accounts", accounts.create_account, methods=["POST"]),
         Route("/v1/accounts/whoami", accounts.whoami, methods=["GET"]),
+        Route("/v1/devices", devices.list_devices, methods=["GET"]),
+        Route("/v1/devices/provisioning/code", devices.issue_link_code, methods=["POST"]),
+        Route("/v1/devices/link", devices.link_device, methods=["PUT"]),
+        Route("/v1/devices/{device_id}", devices.remove_device, methods=["DELETE"]),
         Route("/v2/keys", keys.upload_keys, methods=["PUT"]),
         Route("/v2/keys", keys.prekey_counts, methods=["GET"]),
         Route("/v2/keys/{uuid}/{device_id}", keys.fetch_bundle, methods=["GET"]),
@@ -123,11 +170,6 @@ def _routes() -> list[BaseRoute]:
         WebSocketRoute("/v1/websocket/", websocket_endpoint),
         WebSocketRoute("/v1/websocket", websocket_endpoint),
     ]
-
-
-async def _health(request: Request) -> Response:
-    """``GET /health``: 200 once the app has started (for scripts waiting on a server)."""
-    return json_response({"status": "ok"})
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
@@ -142,6 +184,45 @@ async def _api_error(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, ApiError):  # pragma: no cover - registered for this type only
         raise exc
     return exc.response()
+
+
+async def _store_unavailable(request: Request, exc: Exception) -> Response:
+    # A PostgreSQL server that went away is an outage to wait out, not a bug.
+    logger.warning("the database is unavailable: %s", exc)
+    return error_response(
+        503,
+        "unavailable",
+        "the database cannot be reached right now; try again later",
+        headers={"Retry-After": "5"},
+    )
+
+
+class AddressLimitMiddleware:
+    """The per-client-address rate limit, before routing (429 with ``Retry-After``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        context = _context_of_scope(scope)
+        if (
+            scope["type"] == "http"
+            and context is not None
+            and scope.get("path") not in _OPERATIONS_PATHS
+        ):
+            client = scope.get("client")
+            try:
+                context.limiter.check("address", client[0] if client else "unknown")
+            except ApiError as exc:
+                await exc.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _context_of_scope(scope: Scope) -> ServerContext | None:
+    app = scope.get("app")
+    context = getattr(getattr(app, "state", None), "intermediary", None)
+    return context if isinstance(context, ServerContext) else None
 
 
 async def _start_bridge(config: IntermediaryConfig, stack: AsyncExitStack) -> SignatureVerifier:
@@ -192,13 +273,19 @@ class RequestLogMiddleware:
                 outcome.status = CLOSE_INTERNAL_ERROR
                 await send({"type": "websocket.close", "code": CLOSE_INTERNAL_ERROR})
         finally:
+            elapsed = time.perf_counter() - started
             logger.info(
                 "%s %s %d %.1fms",
                 _method(scope),
                 _template(scope),
                 outcome.status,
-                (time.perf_counter() - started) * 1000,
+                elapsed * 1000,
             )
+            context = _context_of_scope(scope)
+            if context is not None:
+                context.metrics.observe_request(
+                    _method(scope), _template(scope), outcome.status, elapsed
+                )
 
 
 class _Outcome:

@@ -17,9 +17,11 @@ Example::
                 await delivery.acknowledge()
 
 Error answers become :class:`~tigress_signal.errors.ServerApiError` subclasses by status (401
-:class:`AuthenticationFailed`, 404 :class:`NotFound`, 409 :class:`MismatchedDevices`, 410
-:class:`StaleDevices`, 413 :class:`PayloadTooLarge`, 429 :class:`RateLimited`, others the base
-class). A server that cannot be reached, or a WebSocket that drops, is a
+:class:`AuthenticationFailed`, 403 :class:`InvalidLinkCode` for a bad link code, 404
+:class:`NotFound`, 409 :class:`MismatchedDevices` for a send, :class:`PreKeyIdReused` for a key
+upload, :class:`DeviceLimitReached` for a link, 410 :class:`StaleDevices`, 413
+:class:`PayloadTooLarge`, 429 :class:`RateLimited` with ``retry_after`` in seconds, others the
+base class). A server that cannot be reached, or a WebSocket that drops, is a
 :class:`~tigress_signal.errors.ChannelError` (:class:`ChannelClosed` for the latter). httpx and
 websockets exceptions never leave this module.
 """
@@ -48,9 +50,12 @@ from tigress_signal.errors import (
     AuthenticationFailed,
     ChannelClosed,
     ChannelError,
+    DeviceLimitReached,
+    InvalidLinkCode,
     MismatchedDevices,
     NotFound,
     PayloadTooLarge,
+    PreKeyIdReused,
     RateLimited,
     ServerApiError,
     StaleDevices,
@@ -58,8 +63,13 @@ from tigress_signal.errors import (
 from tigress_signal.intermediary.entities import (
     AccountCreated,
     AccountCreateRequest,
+    DeviceInfo,
+    DeviceLinked,
+    DeviceList,
     Envelope,
     KemSignedPreKey,
+    LinkCode,
+    LinkDeviceRequest,
     MessagePage,
     OutgoingMessage,
     OutgoingMessageList,
@@ -77,8 +87,11 @@ __all__ = [
     "AccountCreated",
     "Delivery",
     "DeviceCredentials",
+    "DeviceInfo",
+    "DeviceLinked",
     "Envelope",
     "IntermediaryClient",
+    "LinkCode",
     "MessagePage",
     "MessageStream",
     "OutgoingMessage",
@@ -103,6 +116,12 @@ _ERRORS_BY_STATUS: dict[int, type[ServerApiError]] = {
     409: MismatchedDevices,
     410: StaleDevices,
     413: PayloadTooLarge,
+}
+#: Errors told apart by the body's ``error`` code, where one status has several meanings.
+_ERRORS_BY_CODE: dict[str, type[ServerApiError]] = {
+    "invalid_link_code": InvalidLinkCode,
+    "device_limit_reached": DeviceLimitReached,
+    "prekey_id_reused": PreKeyIdReused,
 }
 
 
@@ -237,6 +256,59 @@ class IntermediaryClient:
         """
         return _parse(await self._call("GET", "/v1/accounts/whoami"), WhoAmI)
 
+    # -- devices -------------------------------------------------------------------------------
+
+    async def issue_link_code(self) -> LinkCode:
+        """``POST /v1/devices/provisioning/code``: a one-time code to link a new device.
+
+        Returns:
+            The code (``verification_code``) and when it expires (``expires_at``, ms).
+
+        Raises:
+            AuthenticationFailed: the credentials are wrong.
+        """
+        return _parse(await self._call("POST", "/v1/devices/provisioning/code"), LinkCode)
+
+    async def link_device(
+        self,
+        *,
+        verification_code: str,
+        registration_id: int,
+        signed_prekey: PublicSignedPreKey,
+        pq_last_resort_prekey: PublicSignedPreKey,
+    ) -> DeviceLinked:
+        """``PUT /v1/devices/link``: add this (new) device to the account that issued the code.
+
+        The keys must be signed by the account's identity key. Needs no credentials; the
+        client does not start using the returned ones by itself: call :meth:`authenticate`.
+
+        Raises:
+            InvalidLinkCode: the code is wrong, used or expired.
+            DeviceLimitReached: the account has as many devices as it may.
+            ServerApiError: 422 when a signature does not verify or a field is invalid.
+        """
+        body = LinkDeviceRequest(
+            verification_code=verification_code,
+            registration_id=registration_id,
+            signed_pre_key=_signed(signed_prekey),
+            pq_last_resort_pre_key=_kem(pq_last_resort_prekey),
+        )
+        response = await self._call("PUT", "/v1/devices/link", body=body, authenticated=False)
+        return _parse(response, DeviceLinked)
+
+    async def list_devices(self) -> list[DeviceInfo]:
+        """``GET /v1/devices``: this account's devices (``id``, ``registration_id``)."""
+        return list(_parse(await self._call("GET", "/v1/devices"), DeviceList).devices)
+
+    async def remove_device(self, device_id: int) -> None:
+        """``DELETE /v1/devices/{deviceId}``: remove a device (itself, or any from device 1).
+
+        Raises:
+            NotFound: no such device.
+            ServerApiError: 403 when this device may not remove it.
+        """
+        await self._call("DELETE", f"/v1/devices/{int(device_id)}")
+
     # -- keys ----------------------------------------------------------------------------------
 
     async def upload_keys(
@@ -249,7 +321,11 @@ class IntermediaryClient:
     ) -> None:
         """``PUT /v2/keys``: a non-empty list replaces that kind's one-time keys.
 
+        A key id may be sent again with the same key (a retry); a one-time key the server
+        already handed out is then not offered again.
+
         Raises:
+            PreKeyIdReused: a key id is known to the server with other key material.
             ServerApiError: 422 when a signature does not verify or a list is too long.
         """
         body = SetKeysRequest(
@@ -265,7 +341,11 @@ class IntermediaryClient:
         await self._call("PUT", "/v2/keys", body=body)
 
     async def prekey_counts(self) -> PreKeyCount:
-        """``GET /v2/keys``: one-time EC (``count``) and Kyber (``pq_count``) keys left."""
+        """``GET /v2/keys``: one-time EC (``count``) and Kyber (``pq_count``) keys left.
+
+        Also ``signed_pre_key_id`` and ``pq_last_resort_pre_key_id``: the signed and
+        last-resort keys the server hands out now (None from servers that do not say).
+        """
         return _parse(await self._call("GET", "/v2/keys"), PreKeyCount)
 
     async def fetch_bundle(
@@ -277,6 +357,7 @@ class IntermediaryClient:
 
         Raises:
             NotFound: no such account or device.
+            RateLimited: too many fetches for this account; wait ``retry_after`` seconds.
         """
         response = await self._call("GET", f"/v2/keys/{_segment(account_id)}/{device_id}")
         wire = _parse(response, WirePreKeyBundle)
@@ -328,6 +409,8 @@ class IntermediaryClient:
             MismatchedDevices: devices are missing or extra (see its properties).
             StaleDevices: devices registered again (see its property).
             PayloadTooLarge: a content is over the server's limit.
+            RateLimited: too many sends to this recipient, or its queue is full
+                (``body["error"] == "recipient_queue_full"``); wait ``retry_after`` seconds.
         """
         body = OutgoingMessageList(
             messages=list(messages),
@@ -624,15 +707,18 @@ def _error_for(
 ) -> ServerApiError:
     reason = body.get("message") or body.get("error") or "no details"
     message = f"{what}: the intermediary answered {status} ({reason})"
+    seconds: float | None = None
+    if retry_after is not None:
+        try:
+            seconds = float(retry_after)
+        except ValueError:
+            seconds = None
     if status == 429:
-        seconds: float | None = None
-        if retry_after is not None:
-            try:
-                seconds = float(retry_after)
-            except ValueError:
-                seconds = None
         return RateLimited(message, status=status, body=body, retry_after=seconds)
-    cls = _ERRORS_BY_STATUS.get(status, ServerApiError)
+    code = body.get("error")
+    cls = _ERRORS_BY_CODE.get(code) if isinstance(code, str) else None
+    if cls is None:
+        cls = _ERRORS_BY_STATUS.get(status, ServerApiError)
     return cls(message, status=status, body=body)
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 from starlette.requests import HTTPConnection
 
 from tigress_signal.intermediary.auth import Authenticator
 from tigress_signal.intermediary.config import IntermediaryConfig
-from tigress_signal.intermediary.delivery import DeliveryHub, MessageNotifier
+from tigress_signal.intermediary.delivery import DeliveryHub, Switchboard
 from tigress_signal.intermediary.entities import DeviceAddress
+from tigress_signal.intermediary.limits import RateLimiter
+from tigress_signal.intermediary.metrics import Metrics
 from tigress_signal.intermediary.signatures import SignatureVerifier
 from tigress_signal.storage import Database
 
@@ -24,7 +27,10 @@ class ServerContext:
         verifier: libsignal's signature check.
         authenticator: checks device credentials.
         hub: the WebSockets open in this process.
-        notifier: wakes recipients after messages are stored.
+        switchboard: presence and wake-ups across the processes sharing the database.
+        limiter: the rate limits.
+        metrics: the Prometheus metrics.
+        draining: set once the server has begun to shut down.
     """
 
     config: IntermediaryConfig
@@ -32,7 +38,10 @@ class ServerContext:
     verifier: SignatureVerifier
     authenticator: Authenticator
     hub: DeliveryHub
-    notifier: MessageNotifier
+    switchboard: Switchboard
+    limiter: RateLimiter
+    metrics: Metrics
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def authenticate(self, connection: HTTPConnection) -> DeviceAddress:
         """The device whose credentials a request or WebSocket upgrade carries.
@@ -49,3 +58,8 @@ def context_of(connection: HTTPConnection) -> ServerContext:
     if not isinstance(context, ServerContext):
         raise RuntimeError("the intermediary app is not started (its lifespan did not run)")
     return context
+
+
+def client_address(connection: HTTPConnection) -> str:
+    """The client's address, as rate limits key it (the proxy's header already applied)."""
+    return connection.client.host if connection.client is not None else "unknown"

@@ -160,10 +160,17 @@ class SetKeysRequest(WireModel):
 
 
 class PreKeyCount(WireModel):
-    """``GET /v2/keys``: how many one-time keys of each kind the server still holds."""
+    """``GET /v2/keys``: how many one-time keys of each kind the server still holds.
+
+    ``signedPreKeyId`` and ``pqLastResortPreKeyId`` (not in Signal-Server's answer) name the
+    signed and last-resort keys the server hands out now, so a wallet can check a rotation
+    took effect; they are absent in answers of older servers.
+    """
 
     count: int
     pq_count: int
+    signed_pre_key_id: KeyId | None = None
+    pq_last_resort_pre_key_id: KeyId | None = None
 
 
 class DeviceBundle(WireModel):
@@ -207,6 +214,45 @@ class AccountCreated(WireModel):
         return f"AccountCreated(uuid={self.uuid!r}, device_id={self.device_id}, password=...)"
 
     __str__ = __repr__
+
+
+class LinkCode(WireModel):
+    """``POST /v1/devices/provisioning/code``: a one-time code to link a new device."""
+
+    verification_code: str
+    expires_at: Timestamp
+
+
+class LinkDeviceRequest(WireModel):
+    """``PUT /v1/devices/link``: a new device's keys, signed by the account's identity key."""
+
+    verification_code: Annotated[str, Field(min_length=1, max_length=128)]
+    registration_id: RegistrationId
+    signed_pre_key: SignedPreKey
+    pq_last_resort_pre_key: KemSignedPreKey
+
+
+class DeviceLinked(AccountCreated):
+    """The answer to linking: the new device's credentials, shown only here."""
+
+    def __repr__(self) -> str:
+        return f"DeviceLinked(uuid={self.uuid!r}, device_id={self.device_id}, password=...)"
+
+    __str__ = __repr__
+
+
+class DeviceInfo(WireModel):
+    """One device of an account."""
+
+    id: DeviceId
+    registration_id: RegistrationId
+    created: Timestamp
+
+
+class DeviceList(WireModel):
+    """``GET /v1/devices``."""
+
+    devices: list[DeviceInfo]
 
 
 class WhoAmI(WireModel):
@@ -271,6 +317,25 @@ class ErrorBody(WireModel):
 
     error: str
     message: str
+
+
+class MismatchedDevicesBody(ErrorBody):
+    """409 of a send: the device ids to add and to drop."""
+
+    missing_devices: list[int]
+    extra_devices: list[int]
+
+
+class StaleDevicesBody(ErrorBody):
+    """410 of a send: the devices that registered again."""
+
+    stale_devices: list[int]
+
+
+class RateLimitedBody(ErrorBody):
+    """429: seconds to wait, as in the ``Retry-After`` header."""
+
+    retry_after: int
 
 
 @dataclass(frozen=True, slots=True)

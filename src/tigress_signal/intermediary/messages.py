@@ -1,10 +1,13 @@
 """Messages: send (``PUT /v1/messages/{uuid}``), list (``GET /v1/messages``), acknowledge.
 
-A send carries one ciphertext per device of the recipient. The server checks the list against
-the recipient's devices (409 with the missing and extra device ids) and their registration ids
-(410 with the stale ones) before storing anything, then stores all of them in one transaction
-and wakes the recipient's WebSockets. A message stays stored until its device acknowledges it,
-here with ``DELETE`` or over the WebSocket.
+A send carries one ciphertext per device of the recipient. The server checks, before storing
+anything: the sender's rate limit towards this recipient (429), the list against the
+recipient's devices (409 with the missing and extra device ids), their registration ids (410
+with the stale ones) and each device's queue limit (429 ``recipient_queue_full``); then it
+stores all of them in one transaction and wakes the recipient's WebSockets, in whichever server
+process they are. A message stays stored until its device acknowledges it (here with
+``DELETE``, or over the WebSocket) or until it expires after ``message_retention_seconds``;
+an expired message is never delivered, and the sweep deletes it.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from tigress_signal.intermediary.entities import (
     DeviceAddress,
     Envelope,
     MessagePage,
+    OutgoingMessage,
     OutgoingMessageList,
     SendResult,
 )
+from tigress_signal.intermediary.limits import too_many_requests
 from tigress_signal.storage import Connection, Row
 
 logger = logging.getLogger(__name__)
@@ -46,8 +51,12 @@ async def send_messages(request: Request) -> Response:
     listed = [message.destination_device_id for message in body.messages]
     if len(set(listed)) != len(listed):
         raise ApiError(422, "invalid_request", "messages: one message per destination device")
+    context.limiter.check("message", f"{sender.uuid}>{recipient}")
 
+    # An "online" message is for a device connected right now (to any process), or nobody.
+    connected = await context.switchboard.connected_devices(recipient) if body.online else None
     now = int(time.time() * 1000)
+    expires_at = now + context.config.message_retention_seconds * 1000
     async with context.db.transaction() as conn:
         devices = await _devices_of(conn, recipient)
         if devices is None:
@@ -77,17 +86,15 @@ async def send_messages(request: Request) -> Response:
                 410, "stale_devices", "some devices were registered again", staleDevices=stale
             )
 
-        # An "online" message is for a device that is connected right now, or for nobody.
         stored = [
-            m
-            for m in body.messages
-            if not body.online
-            or context.hub.is_connected(DeviceAddress(recipient, m.destination_device_id))
+            m for m in body.messages if connected is None or m.destination_device_id in connected
         ]
+        if stored:
+            await _check_queues(context, conn, recipient, stored, now)
         await conn.executemany(
             "INSERT INTO messages (guid, account_uuid, device_id, type, client_timestamp,"
-            " source_uuid, source_device, server_timestamp, urgent, content)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            " source_uuid, source_device, server_timestamp, urgent, content, expires_at,"
+            " content_size) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             [
                 (
                     str(uuid.uuid4()),
@@ -100,16 +107,21 @@ async def send_messages(request: Request) -> Response:
                     now,
                     body.urgent,
                     m.content,
+                    expires_at,
+                    len(m.content),
                 )
                 for m in stored
             ],
         )
-        # The sender's other devices would want a copy of what it sent (none exist yet).
+        # The sender's other devices would want a copy of what it sent.
         needs_sync = recipient != sender.uuid and await _has_other_devices(conn, sender)
 
     # Only after the commit: a woken WebSocket must find the rows.
-    for m in stored:
-        await context.notifier.message_stored(DeviceAddress(recipient, m.destination_device_id))
+    if stored:
+        context.metrics.messages_stored.inc(len(stored))
+        await context.switchboard.messages_stored(
+            recipient, [m.destination_device_id for m in stored]
+        )
     return json_response(SendResult(needs_sync=needs_sync))
 
 
@@ -119,9 +131,10 @@ async def list_messages(request: Request) -> Response:
     device = await context.authenticate(request)
     rows = await context.db.fetch(
         f"SELECT {_ENVELOPE_COLUMNS} FROM messages"  # noqa: S608 - fixed column list
-        " WHERE account_uuid = $1 AND device_id = $2 ORDER BY seq LIMIT $3",
+        " WHERE account_uuid = $1 AND device_id = $2 AND expires_at > $3 ORDER BY seq LIMIT $4",
         device.uuid,
         device.device_id,
+        int(time.time() * 1000),
         MAX_MESSAGES_PER_PAGE + 1,
     )
     page = [envelope_from_row(row) for row in rows[:MAX_MESSAGES_PER_PAGE]]
@@ -135,6 +148,7 @@ async def acknowledge_message(request: Request) -> Response:
     guid = parse_uuid(request.path_params["guid"], "message guid")
     if not await delete_message(context, device, guid):
         raise ApiError(404, "not_found", "no such message for this device")
+    context.metrics.messages_acknowledged.inc()
     return Response(status_code=204)
 
 
@@ -155,10 +169,12 @@ async def messages_after(
     """The device's stored messages with ``seq`` above ``after_seq``, oldest first."""
     rows = await context.db.fetch(
         f"SELECT {_ENVELOPE_COLUMNS} FROM messages"  # noqa: S608 - fixed column list
-        " WHERE account_uuid = $1 AND device_id = $2 AND seq > $3 ORDER BY seq LIMIT $4",
+        " WHERE account_uuid = $1 AND device_id = $2 AND seq > $3 AND expires_at > $4"
+        " ORDER BY seq LIMIT $5",
         device.uuid,
         device.device_id,
         after_seq,
+        int(time.time() * 1000),
         limit,
     )
     return [(int(row["seq"]), envelope_from_row(row)) for row in rows]
@@ -187,6 +203,40 @@ def _check_sizes(body: OutgoingMessageList, limit: int) -> None:
                 "payload_too_large",
                 f"messages[{index}].content is {len(message.content)} bytes; the limit is {limit}",
             )
+
+
+async def _check_queues(
+    context: ServerContext,
+    conn: Connection,
+    recipient: str,
+    adding: list[OutgoingMessage],
+    now: int,
+) -> None:
+    """Refuse the send (429) when a device's queue would pass its message or byte limit."""
+    rows = await conn.fetch(
+        "SELECT device_id, COUNT(*), COALESCE(SUM(content_size), 0) FROM messages"
+        " WHERE account_uuid = $1 AND expires_at > $2 GROUP BY device_id",
+        recipient,
+        now,
+    )
+    queued = {int(row[0]): (int(row[1]), int(row[2])) for row in rows}
+    config = context.config
+    full = sorted(
+        m.destination_device_id
+        for m in adding
+        if queued.get(m.destination_device_id, (0, 0))[0] + 1 > config.max_queued_messages
+        or queued.get(m.destination_device_id, (0, 0))[1] + len(m.content)
+        > config.max_queued_bytes
+    )
+    if full:
+        context.metrics.rate_limited.labels("recipient_queue").inc()
+        error = too_many_requests(
+            "the recipient has too many undelivered messages; retry later",
+            config.queue_full_retry_after_seconds,
+            error="recipient_queue_full",
+        )
+        error.fields["fullDevices"] = full
+        raise error
 
 
 async def _devices_of(conn: Connection, account: str) -> dict[int, int] | None:

@@ -21,14 +21,14 @@ import uvicorn
 from starlette.applications import Starlette
 
 from tigress_signal.errors import ConfigError, TigressSignalError
-from tigress_signal.intermediary.app import create_app
+from tigress_signal.intermediary.app import begin_draining, create_app
 from tigress_signal.intermediary.config import IntermediaryConfig
 from tigress_signal.intermediary.signatures import SignatureVerifier
 
 logger = logging.getLogger(__name__)
 
-#: Seconds open connections get to finish when the server stops.
-_GRACEFUL_SHUTDOWN = 5
+#: Seconds requests in flight get to finish when the server stops.
+_GRACEFUL_SHUTDOWN = 10
 #: Largest WebSocket frame a device may send; its frames are small acknowledgements.
 _WS_MAX_FRAME = 64 * 1024
 _START_TIMEOUT = 30.0
@@ -54,7 +54,7 @@ async def serve(config: IntermediaryConfig, *, verifier: SignatureVerifier | Non
         # Not every loop supports signal handlers (e.g. outside the main thread); there the
         # caller stops the server by cancelling this coroutine.
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signum, _request_exit, server, signum)
+            loop.add_signal_handler(signum, _request_exit, server, app, signum)
             handled.append(signum)
     logger.info("listening on %s", _url_of(sock))
     try:
@@ -121,7 +121,8 @@ class IntermediaryServer:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
-        """Stop serving: close connections, run the lifespan's shutdown."""
+        """Stop serving: finish requests in flight, close WebSockets (1012), shut down."""
+        begin_draining(self.app)
         if self._server is not None:
             self._server.should_exit = True
         if self._task is not None:
@@ -170,8 +171,9 @@ async def _run_server(server: uvicorn.Server, sock: socket.socket) -> None:
             raise
 
 
-def _request_exit(server: uvicorn.Server, signum: signal.Signals) -> None:
-    logger.info("received %s; stopping", signum.name)
+def _request_exit(server: uvicorn.Server, app: Starlette, signum: signal.Signals) -> None:
+    logger.info("received %s; finishing requests in flight, then stopping", signum.name)
+    begin_draining(app)
     if server.should_exit:
         server.force_exit = True  # a second signal: stop waiting for connections
     server.should_exit = True
@@ -218,6 +220,10 @@ def _uvicorn_config(app: Starlette, config: IntermediaryConfig) -> uvicorn.Confi
         access_log=False,
         server_header=False,
         timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN,
+        # Behind a reverse proxy, the client address (for rate limits) comes from its
+        # X-Forwarded-For, trusted only from the listed proxy addresses.
+        proxy_headers=bool(config.forwarded_allow_ips),
+        forwarded_allow_ips=config.forwarded_allow_ips or None,
     )
 
 

@@ -9,8 +9,10 @@ then ``{"type": "request", "id": <n>, "verb": "PUT", "path": "/api/v1/queue/empt
 backlog is out, then each new message as it is stored. The device answers a delivery with
 ``{"type": "response", "id": <n>, "status": 200}``, which deletes the message; any other status
 leaves it stored, to be delivered again on the next connection. At most ``max_unacknowledged``
-deliveries are outstanding at once. A newer connection of the same device closes this one with
-code 4409.
+deliveries are outstanding at once. A newer connection of the same device, in this process or
+another one sharing the database, closes this one with code 4409; removing the device closes it
+with 4401. When the server shuts down, uvicorn closes every WebSocket with 1012 (service
+restart); messages in flight stay stored.
 
 The connection remembers the ``seq`` of the last message it sent and asks the database only for
 later ones, so a wake-up never re-sends what is in flight.
@@ -27,16 +29,17 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketState
 
+from tigress_signal.errors import StoreError
 from tigress_signal.intermediary.api import ApiError
-from tigress_signal.intermediary.context import ServerContext, context_of
-from tigress_signal.intermediary.delivery import Presence
+from tigress_signal.intermediary.context import ServerContext, client_address, context_of
+from tigress_signal.intermediary.delivery import CLOSE_CONNECTED_ELSEWHERE, Presence
 from tigress_signal.intermediary.entities import MAX_MESSAGES_PER_PAGE, DeviceAddress
 from tigress_signal.intermediary.messages import delete_message, messages_after
 
 logger = logging.getLogger(__name__)
 
-#: Close code when a newer connection of the same device takes over (as Signal-Server).
-CLOSE_CONNECTED_ELSEWHERE = 4409
+__all__ = ["CLOSE_CONNECTED_ELSEWHERE", "CLOSE_INTERNAL_ERROR", "websocket_endpoint"]
+
 CLOSE_INTERNAL_ERROR = 1011
 MESSAGE_PATH = "/api/v1/message"
 QUEUE_EMPTY_PATH = "/api/v1/queue/empty"
@@ -47,16 +50,23 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     """Serve one device's WebSocket until it disconnects or is displaced."""
     context = context_of(websocket)
     try:
+        context.limiter.check("address", client_address(websocket))
         device = await context.authenticate(websocket)
     except ApiError as exc:
         await websocket.send_denial_response(exc.response())
         return
     presence = context.hub.attach(device)
     try:
+        await context.switchboard.connected(presence)
         await websocket.accept()
         await _Connection(context, websocket, presence).run()
     finally:
         context.hub.detach(presence)
+        try:
+            await context.switchboard.disconnected(presence)
+        except StoreError as exc:
+            # The process's presence rows go with its heartbeat row anyway (sweep, shutdown).
+            logger.warning("could not record a WebSocket's end: %s", exc)
 
 
 class _PeerGoneError(Exception):
@@ -79,10 +89,8 @@ class _Connection:
     async def run(self) -> None:
         deliver = asyncio.create_task(self._deliver(), name="websocket-deliver")
         receive = asyncio.create_task(self._receive(), name="websocket-receive")
-        displaced = asyncio.create_task(
-            self._presence.displaced.wait(), name="websocket-displaced"
-        )
-        tasks = {deliver, receive, displaced}
+        closing = asyncio.create_task(self._presence.closing.wait(), name="websocket-closing")
+        tasks = {deliver, receive, closing}
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -90,8 +98,8 @@ class _Connection:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-        if displaced in done:
-            await self._close(CLOSE_CONNECTED_ELSEWHERE, "Connected elsewhere")
+        if closing in done:
+            await self._close(self._presence.close_code, self._presence.close_reason)
         elif deliver in done and not deliver.cancelled():
             error = deliver.exception()
             if error is not None and not isinstance(error, _PeerGoneError):
@@ -175,7 +183,8 @@ class _Connection:
             return  # an answer to queue/empty, or to a delivery already answered
         self._slot_freed.set()
         if status == ACK_STATUS and type(status) is int:
-            await delete_message(self._context, self._device, guid)
+            if await delete_message(self._context, self._device, guid):
+                self._context.metrics.messages_acknowledged.inc()
         else:
             logger.debug("a delivery was answered with %r; the message stays stored", status)
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from pydantic import ValidationError
+
 from tigress_signal.channel import CredentialChannel, IncomingMessage, SealedMessage
 from tigress_signal.credentials import (
     ACCESS_TOKEN_MEDIA_TYPE,
@@ -46,6 +48,7 @@ from tigress_signal.credentials import (
     decode_transfer,
     encode_transfer,
 )
+from tigress_signal.credentials.messages import check_lock_id, describe_validation_error
 from tigress_signal.errors import (
     CredentialError,
     ShareError,
@@ -150,7 +153,7 @@ class ShareService:
         Returns:
             The new share, in state ``offered``.
         """
-        offer = Offer(
+        offer = _checked_offer(
             share_id=uuid.uuid4(),
             flow="stateless",
             credential_format=provisioning.media_type,
@@ -175,8 +178,8 @@ class ShareService:
         The owner's signing key for ``terms.lock_id`` is created in this wallet on first use;
         :meth:`owner_public_key` gives its public half for the lock.
         """
-        self.owner_key(terms.lock_id)
-        offer = Offer(
+        _check_terms(terms)
+        offer = _checked_offer(
             share_id=uuid.uuid4(),
             flow="stateful",
             credential_format=DIGITAL_KEY_MEDIA_TYPE,
@@ -193,6 +196,7 @@ class ShareService:
                 "not_after": terms.not_after.isoformat(),
             }
         ).encode()
+        self.owner_key(terms.lock_id)
         return await self._start_offer(peer, offer, private=private)
 
     async def _start_offer(self, peer: str, offer: Offer, *, private: bytes) -> Share:
@@ -470,6 +474,22 @@ class ShareService:
         ).fetchall()
         return [StoredCredential(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
 
+    def existing_owner_key(self, lock_id: str) -> KeyOwner:
+        """The owner key this wallet already holds for a lock.
+
+        Raises:
+            CredentialError: this wallet never offered a key to that lock.
+        """
+        row = self._store.connection.execute(
+            "SELECT private_key_pem FROM signing_keys WHERE name = ?", (f"lock:{lock_id}",)
+        ).fetchone()
+        if row is None:
+            raise CredentialError(
+                f"this wallet holds no owner key for lock {lock_id!r}",
+                hint="use the wallet that offered keys to this lock",
+            )
+        return KeyOwner.from_private_key_pem(bytes(row[0]))
+
     def owner_key(self, lock_id: str, conn: sqlite3.Connection | None = None) -> KeyOwner:
         """This wallet's owner signing key for a lock, created on first use."""
         pem = self._signing_key(f"lock:{lock_id}", KeyOwner.generate, conn)
@@ -610,6 +630,28 @@ class ShareService:
             self._channel.name,
             (time.perf_counter() - started) * 1000,
         )
+
+
+def _checked_offer(**fields: object) -> Offer:
+    """An Offer, or a CredentialError that says which field is wrong."""
+    try:
+        return Offer.model_validate(fields, strict=False)
+    except ValidationError as exc:
+        raise CredentialError(f"cannot make the offer: {describe_validation_error(exc)}") from exc
+
+
+def _check_terms(terms: DigitalKeyTerms) -> None:
+    """Refuse digital-key terms the owner could never endorse, before anything is sent."""
+    try:
+        check_lock_id(terms.lock_id)
+    except ValueError as exc:
+        raise CredentialError(f"lock id {terms.lock_id!r}: {exc}") from None
+    if not terms.rights:
+        raise CredentialError("a digital key needs at least one right, e.g. 'unlock'")
+    if terms.not_before.tzinfo is None or terms.not_after.tzinfo is None:
+        raise CredentialError("a digital key's validity needs times with a time zone")
+    if terms.not_after <= terms.not_before:
+        raise CredentialError("a digital key's validity must end after it starts")
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,32 +3,40 @@
 Queries are written once, with PostgreSQL's numbered placeholders (``$1``, ``$2``, ...). On SQLite
 they are rewritten to ``?1``, ``?2``, which SQLite binds the same way, so a caller only branches on
 :attr:`Database.dialect` where the SQL itself differs (column types, ``RETURNING`` locking
-clauses, upserts). Foreign exceptions (``sqlite3.Error``) become :class:`StoreError` here.
+clauses, upserts).
 
 Supported URLs, in the form SQLAlchemy made familiar (``sqlite:///`` followed by the path):
 
 * ``sqlite:///relative/path.db``: a file relative to the working directory;
 * ``sqlite:////absolute/path.db``: an absolute path (four slashes);
-* ``sqlite:///:memory:`` or ``sqlite://``: a private in-memory database.
+* ``sqlite:///:memory:`` or ``sqlite://``: a private in-memory database;
+* ``postgresql://user:password@host:port/database`` (or ``postgres://``): a PostgreSQL
+  database through asyncpg, with a pool of connections; libpq's query parameters that asyncpg
+  understands (``sslmode`` ...) may follow.
 
-``postgresql://`` is recognised and refused with a :class:`ConfigError` until the asyncpg backend
-is written; the public surface here is what that backend will implement.
+Foreign exceptions (``sqlite3.Error``, asyncpg's and the network's) become :class:`StoreError`
+here. PostgreSQL also offers :meth:`Database.notify` and :meth:`Database.listen`
+(LISTEN/NOTIFY), which let several server processes sharing one database wake each other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import aiosqlite
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
-from tigress_signal.errors import ConfigError, StoreError
+from tigress_signal.errors import ConfigError, StoreError, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +44,13 @@ Dialect = Literal["sqlite", "postgresql"]
 
 #: How long a SQLite statement waits for another process's write lock before failing.
 DEFAULT_BUSY_TIMEOUT_MS = 5000
+#: Connections a PostgreSQL database keeps open at most (asyncpg's pool).
+DEFAULT_POOL_SIZE = 10
+#: Seconds to open a PostgreSQL connection, and at most one statement may run.
+_PG_CONNECT_TIMEOUT = 10.0
+_PG_COMMAND_TIMEOUT = 60.0
+#: How often an idle LISTEN connection checks that the server still answers.
+_LISTEN_PING_SECONDS = 5.0
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 
@@ -123,31 +138,40 @@ class Database:
         self._url = url
 
     @classmethod
-    async def open(cls, url: str, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> Database:
+    async def open(
+        cls,
+        url: str,
+        *,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        pool_size: int = DEFAULT_POOL_SIZE,
+    ) -> Database:
         """Open the database a URL names.
 
         Args:
-            url: ``sqlite:///...`` (see the module docstring); ``postgresql://`` is not built
-                yet.
+            url: ``sqlite:///...`` or ``postgresql://...`` (see the module docstring).
             busy_timeout_ms: how long SQLite waits for another process's lock.
+            pool_size: how many connections a PostgreSQL database keeps at most.
 
         Returns:
             The open database.
 
         Raises:
             ConfigError: the URL is not one this layer can open.
-            StoreError: the database could not be opened.
+            StoreError: the database could not be opened (:class:`StoreUnavailable` when
+                the server cannot be reached).
         """
         scheme = url.partition(":")[0].lower()
         if scheme == "sqlite":
-            backend = await _SqliteBackend.connect(_sqlite_path(url), busy_timeout_ms)
+            backend: _Backend = await _SqliteBackend.connect(_sqlite_path(url), busy_timeout_ms)
             return cls(backend, url)
         if scheme in ("postgresql", "postgres"):
-            raise ConfigError(
-                "PostgreSQL databases are not supported yet",
-                hint="use a sqlite: database URL",
-            )
-        raise ConfigError(f"unsupported database URL scheme {scheme!r}", hint="use sqlite:///PATH")
+            check_postgres_url(url)
+            backend = await _PostgresBackend.connect(url, pool_size)
+            return cls(backend, url)
+        raise ConfigError(
+            f"unsupported database URL scheme {scheme!r}",
+            hint="use sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE",
+        )
 
     @property
     def dialect(self) -> Dialect:
@@ -196,8 +220,78 @@ class Database:
         async with self.transaction() as conn:
             return await conn.fetchval(sql, *params)
 
+    async def notify(self, channel: str, payload: str) -> None:
+        """Send a PostgreSQL notification (``pg_notify``) to every listener of ``channel``.
+
+        Raises:
+            StoreError: the database is not PostgreSQL, or the notification failed.
+        """
+        async with self.transaction() as conn:
+            if conn.dialect != "postgresql":
+                raise StoreError("notifications need a PostgreSQL database")
+            await conn.execute("SELECT pg_notify($1, $2)", channel, payload)
+
+    def listener(
+        self,
+        channels: Mapping[str, Callable[[str], None]],
+        *,
+        on_connect: Callable[[], None] | None = None,
+    ) -> Listener:
+        """A LISTEN connection for ``channels``, kept open until closed (PostgreSQL only).
+
+        Start it with :meth:`Listener.start`. Notifications sent while it is disconnected are
+        lost; ``on_connect`` runs after every (re)connection so the caller can look again
+        for whatever it might have missed.
+
+        Args:
+            channels: channel name to a function called with each notification's payload.
+            on_connect: called each time the listener is (again) connected.
+
+        Raises:
+            StoreError: the database is not PostgreSQL.
+        """
+        if self.dialect != "postgresql":
+            raise StoreError("notifications need a PostgreSQL database")
+        return Listener(self._url, channels, on_connect)
+
     def __repr__(self) -> str:
-        return f"<Database {self.dialect} {self._url!r}>"
+        return f"<Database {self.dialect} {redact_url(self._url)!r}>"
+
+
+def redact_url(url: str) -> str:
+    """A database URL with its password replaced by ``***``, for logs and messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unreadable URL>"
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def check_postgres_url(url: str) -> None:
+    """Check that a ``postgresql://`` URL names a database asyncpg can reach.
+
+    Raises:
+        ConfigError: it cannot be read, or its port is not a number.
+    """
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise ConfigError(
+            f"cannot read the PostgreSQL URL {redact_url(url)!r}: {exc}",
+            hint="write postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
+        ) from None
+    if parts.scheme.lower() not in ("postgresql", "postgres"):
+        raise ConfigError(f"not a PostgreSQL URL: {redact_url(url)!r}")
+    if not parts.path.strip("/"):
+        raise ConfigError(
+            f"the PostgreSQL URL {redact_url(url)!r} names no database",
+            hint="add /DATABASE at the end",
+        )
 
 
 class _Backend(Protocol):
@@ -367,3 +461,252 @@ def _store_error(exc: sqlite3.Error) -> StoreError:
             hint="another process holds a long write lock on the database file",
         )
     return StoreError(f"database error: {text}")
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+#: What asyncpg and the network raise; all of it becomes StoreError at this boundary.
+_PG_FAILURES: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+
+def _rowcount(status: str) -> int:
+    """The row count in a PostgreSQL command tag (``"DELETE 3"``, ``"INSERT 0 5"``)."""
+    last = status.rpartition(" ")[2]
+    return int(last) if last.isdigit() else 0
+
+
+class _PostgresConnection:
+    """The :class:`Connection` of the PostgreSQL backend, valid while its transaction runs."""
+
+    dialect: Dialect = "postgresql"
+
+    def __init__(self, conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any]) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, *params: object) -> int:
+        try:
+            return _rowcount(await self._conn.execute(sql, *params))
+        except _PG_FAILURES as exc:
+            raise _pg_error(exc) from exc
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
+        try:
+            await self._conn.executemany(sql, list(rows))
+        except _PG_FAILURES as exc:
+            raise _pg_error(exc) from exc
+
+    async def fetch(self, sql: str, *params: object) -> list[Row]:
+        try:
+            return cast(list[Row], await self._conn.fetch(sql, *params))
+        except _PG_FAILURES as exc:
+            raise _pg_error(exc) from exc
+
+    async def fetchrow(self, sql: str, *params: object) -> Row | None:
+        try:
+            return cast(Row | None, await self._conn.fetchrow(sql, *params))
+        except _PG_FAILURES as exc:
+            raise _pg_error(exc) from exc
+
+    async def fetchval(self, sql: str, *params: object) -> Any:
+        try:
+            return await self._conn.fetchval(sql, *params)
+        except _PG_FAILURES as exc:
+            raise _pg_error(exc) from exc
+
+
+class _PostgresBackend:
+    """An asyncpg pool; each transaction holds one pooled connection while it runs."""
+
+    dialect: Dialect = "postgresql"
+
+    def __init__(self, pool: asyncpg.Pool[Any], url: str) -> None:
+        self._pool = pool
+        self._url = url
+        self._closed = False
+
+    @classmethod
+    async def connect(cls, url: str, pool_size: int) -> _PostgresBackend:
+        try:
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=1,
+                max_size=pool_size,
+                timeout=_PG_CONNECT_TIMEOUT,
+                command_timeout=_PG_COMMAND_TIMEOUT,
+                server_settings={"application_name": "tigress-signal"},
+            )
+        except _PG_FAILURES as exc:
+            error = _pg_error(exc)
+            raise type(error)(
+                f"cannot open PostgreSQL database {redact_url(url)!r}: {exc}",
+                hint="check that the server runs, the database exists and the URL's user may "
+                "log in",
+            ) from exc
+        logger.debug("opened PostgreSQL database %s", redact_url(url))
+        return cls(pool, url)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            # Transactions still running get a few seconds, then their connections are cut.
+            async with asyncio.timeout(10):
+                await self._pool.close()
+        except TimeoutError:
+            self._pool.terminate()
+        except _PG_FAILURES as exc:
+            self._pool.terminate()
+            raise StoreError(f"closing the PostgreSQL pool failed: {exc}") from exc
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        if self._closed:
+            raise StoreError("the database is closed")
+        try:
+            conn = await self._pool.acquire(timeout=_PG_CONNECT_TIMEOUT)
+        except _PG_FAILURES as exc:
+            raise _pg_error(exc) from exc
+        try:
+            transaction = conn.transaction()
+            try:
+                await transaction.start()
+            except _PG_FAILURES as exc:
+                raise _pg_error(exc) from exc
+            try:
+                yield _PostgresConnection(conn)
+            except BaseException:
+                with contextlib.suppress(*_PG_FAILURES):
+                    await transaction.rollback()
+                raise
+            try:
+                await transaction.commit()
+            except _PG_FAILURES as exc:
+                raise _pg_error(exc) from exc
+        finally:
+            # A connection broken mid-transaction is closed by the pool, not reused.
+            with contextlib.suppress(*_PG_FAILURES):
+                await self._pool.release(conn)
+
+
+def _pg_error(exc: BaseException) -> StoreError:
+    """Our error for an asyncpg or network failure."""
+    if isinstance(exc, asyncpg.PostgresError) and not isinstance(
+        exc, asyncpg.exceptions.PostgresConnectionError | asyncpg.exceptions.CannotConnectNowError
+    ):
+        sqlstate = getattr(exc, "sqlstate", "") or ""
+        return StoreError(f"database error {sqlstate}: {exc}".replace("  ", " "))
+    return StoreUnavailable(
+        f"the PostgreSQL database cannot be reached: {type(exc).__name__}: {exc}",
+        hint="check that the PostgreSQL server is running and reachable",
+    )
+
+
+class Listener:
+    """A dedicated PostgreSQL connection that LISTENs, reconnecting after failures.
+
+    Made by :meth:`Database.listener`. While connected it also checks every few seconds that
+    the server still answers, so a silently dropped connection is noticed and replaced.
+
+    Attributes:
+        connected: whether the LISTEN connection is up right now.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        channels: Mapping[str, Callable[[str], None]],
+        on_connect: Callable[[], None] | None,
+    ) -> None:
+        self._url = url
+        self._channels = dict(channels)
+        self._on_connect = on_connect
+        self._task: asyncio.Task[None] | None = None
+        self._first_attempt = asyncio.Event()
+        self.connected = False
+
+    async def start(self, timeout: float = _PG_CONNECT_TIMEOUT) -> None:
+        """Start listening; returns once the first connection attempt has ended.
+
+        A failed first attempt is not an error: the listener keeps trying in the background
+        and :attr:`connected` tells when it succeeded.
+        """
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="postgresql-listener")
+            self._task.add_done_callback(_log_crash)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._first_attempt.wait()
+
+    async def aclose(self) -> None:
+        """Stop listening and close the connection."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.connected = False
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                conn = await asyncpg.connect(
+                    self._url,
+                    timeout=_PG_CONNECT_TIMEOUT,
+                    server_settings={"application_name": "tigress-signal-listener"},
+                )
+            except _PG_FAILURES as exc:
+                logger.warning("cannot open the LISTEN connection (%s); retrying", exc)
+                self._first_attempt.set()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            try:
+                await self._listen(conn)
+                delay = 0.1
+            except _PG_FAILURES as exc:
+                logger.warning("the LISTEN connection failed (%s); reconnecting", exc)
+            finally:
+                self.connected = False
+                conn.terminate()
+            self._first_attempt.set()
+            await asyncio.sleep(delay)
+
+    async def _listen(self, conn: asyncpg.Connection[Any]) -> None:
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: lost.set())
+        for channel, callback in self._channels.items():
+            await conn.add_listener(channel, _dispatcher(channel, callback))
+        self.connected = True
+        self._first_attempt.set()
+        logger.info("listening for notifications on %s", ", ".join(self._channels))
+        if self._on_connect is not None:
+            self._on_connect()
+        while not lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_LISTEN_PING_SECONDS):
+                    await lost.wait()
+            if not lost.is_set():
+                await conn.fetchval("SELECT 1", timeout=_LISTEN_PING_SECONDS)
+        raise ConnectionResetError("the PostgreSQL server closed the LISTEN connection")
+
+
+def _dispatcher(channel: str, callback: Callable[[str], None]) -> Callable[..., None]:
+    def dispatch(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            callback(payload)
+        except Exception:
+            logger.error("handling a notification on %s failed", channel, exc_info=True)
+
+    return dispatch
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("the LISTEN task ended", exc_info=task.exception())

@@ -8,22 +8,43 @@ It lives in ``wallet.toml`` inside the wallet folder, for example::
     [selfhosted]
     server_url = "http://127.0.0.1:8443"
 
+A wallet whose Signal account lives in signal-cli names the daemon instead::
+
+    channel = "signal-cli-jsonrpc"  # or "signal-cli-dbus"
+
+    [signal_cli]
+    account = "+4915112345678"      # the wallet's Signal account in that daemon
+    socket = "/run/user/1000/signal-cli/socket"   # JSON-RPC: socket, tcp or command
+    # tcp = "127.0.0.1:7583"
+    # bus_address = "unix:path=/run/user/1000/bus" # D-Bus: default is the session bus
+
 Every value is checked when the file is read; each bad value gets its own line in the error.
 """
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, HttpUrl, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    HttpUrl,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from tigress_signal.errors import ConfigError
+from tigress_signal.bridge.signal_cli_client import normalise_recipient
+from tigress_signal.errors import ConfigError, SignalCliInvalidNumber
 
 CONFIG_NAME = "wallet.toml"
 
 TrustPolicy = Literal["tofu", "always", "verify"]
+ChannelName = Literal["selfhosted", "signal-cli-dbus", "signal-cli-jsonrpc"]
+SIGNAL_CLI_CHANNELS = ("signal-cli-dbus", "signal-cli-jsonrpc")
 
 
 class SelfHostedSettings(BaseModel):
@@ -38,6 +59,50 @@ class SelfHostedSettings(BaseModel):
     server_url: HttpUrl
 
 
+class SignalCliSettings(BaseModel):
+    """Settings of the signal-cli channels.
+
+    Attributes:
+        account: the wallet's Signal account in the daemon, in E.164 form.
+        bus_address: D-Bus: the bus the daemon is on; None means the session bus.
+        bus_name: D-Bus: the daemon's well-known name (``--bus-name``).
+        socket: JSON-RPC: the daemon's UNIX socket (``daemon --socket``).
+        tcp: JSON-RPC: ``host:port`` of ``daemon --tcp``, on loopback only.
+        command: JSON-RPC: a command that speaks JSON-RPC on stdio (``signal-cli ... jsonRpc``).
+        call_timeout: seconds to wait for signal-cli to answer one call.
+
+    With none of ``socket``, ``tcp`` and ``command``, JSON-RPC uses signal-cli's own default
+    socket, ``$XDG_RUNTIME_DIR/signal-cli/socket``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    account: str
+    bus_address: str | None = None
+    bus_name: str = "org.asamk.Signal"
+    socket: Path | None = None
+    tcp: str | None = None
+    command: list[str] | None = None
+    call_timeout: float = 60.0
+
+    @field_validator("account")
+    @classmethod
+    def _e164(cls, value: str) -> str:
+        try:
+            number = normalise_recipient(value)
+        except SignalCliInvalidNumber:
+            number = ""
+        if not number.startswith("+"):
+            raise ValueError("must be a phone number in E.164 form, e.g. +4915112345678")
+        return number
+
+    @model_validator(mode="after")
+    def _one_endpoint(self) -> SignalCliSettings:
+        if sum(x is not None for x in (self.socket, self.tcp, self.command)) > 1:
+            raise ValueError("give at most one of socket, tcp and command")
+        return self
+
+
 class WalletConfig(BaseModel):
     """A wallet's configuration file.
 
@@ -46,13 +111,21 @@ class WalletConfig(BaseModel):
         trust_policy: when a peer's identity key is trusted for sending: on first use
             (``tofu``), ``always``, or only once verified (``verify``).
         selfhosted: settings of the self-hosted channel.
+        signal_cli: settings of the signal-cli channels.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    channel: Literal["selfhosted"] = "selfhosted"
+    channel: ChannelName = "selfhosted"
     trust_policy: TrustPolicy = "tofu"
     selfhosted: SelfHostedSettings | None = None
+    signal_cli: SignalCliSettings | None = None
+
+    @model_validator(mode="after")
+    def _settings_for_channel(self) -> WalletConfig:
+        if self.channel in SIGNAL_CLI_CHANNELS and self.signal_cli is None:
+            raise ValueError(f"channel {self.channel!r} needs a [signal_cli] section")
+        return self
 
     def server_url(self) -> str:
         """The intermediary's base URL, without a trailing slash.
@@ -69,7 +142,30 @@ class WalletConfig(BaseModel):
         lines = [f'channel = "{self.channel}"', f'trust_policy = "{self.trust_policy}"']
         if self.selfhosted is not None:
             lines += ["", "[selfhosted]", f'server_url = "{self.server_url()}"']
+        if self.signal_cli is not None:
+            lines += ["", "[signal_cli]"]
+            for key, value in self.signal_cli.model_dump(exclude_none=True).items():
+                # JSON strings and lists of strings are valid TOML values.
+                text = json.dumps(str(value) if isinstance(value, Path) else value)
+                lines.append(f"{key} = {text}")
         return "\n".join(lines) + "\n"
+
+
+def selfhosted_settings(server_url: str) -> SelfHostedSettings:
+    """Settings for an intermediary at ``server_url``, checked.
+
+    Raises:
+        ConfigError: the URL is not an http(s) URL of a server, or carries a user name or
+            password (the wallet's own credentials are the only ones it sends).
+    """
+    try:
+        settings = SelfHostedSettings.model_validate({"server_url": server_url})
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"] if exc.errors() else "invalid"
+        raise ConfigError(f"server URL {server_url!r}: {reason}") from None
+    if settings.server_url.username or settings.server_url.password:
+        raise ConfigError(f"server URL {server_url!r}: leave out the user name and password")
+    return settings
 
 
 def load_wallet_config(folder: Path) -> WalletConfig:

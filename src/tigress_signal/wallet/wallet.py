@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from types import TracebackType
@@ -22,20 +23,20 @@ from tigress_signal.bridge.signal_cli_client import SignalCliClient
 from tigress_signal.bridge.signal_cli_dbus import SignalCliDbusClient
 from tigress_signal.bridge.signal_cli_jsonrpc import SignalCliJsonRpcClient
 from tigress_signal.channel import CredentialChannel
-from tigress_signal.errors import NoSession, StoreError
+from tigress_signal.errors import ConfigError, NoSession, StoreError
 from tigress_signal.intermediary.client import IntermediaryClient
 from tigress_signal.shares.service import ShareService
 from tigress_signal.wallet.config import (
     CONFIG_NAME,
     SIGNAL_CLI_CHANNELS,
     SignalCliSettings,
-    SelfHostedSettings,
     TrustPolicy,
     WalletConfig,
     load_wallet_config,
     save_wallet_config,
+    selfhosted_settings,
 )
-from tigress_signal.wallet.store import Account, WalletStore
+from tigress_signal.wallet.store import DATABASE_NAME, LOCK_NAME, Account, WalletStore
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +112,14 @@ class Wallet:
         path = Path(folder)
         started = time.perf_counter()
         config = WalletConfig(
-            trust_policy=trust_policy,
-            selfhosted=SelfHostedSettings.model_validate({"server_url": server_url}),
+            trust_policy=trust_policy, selfhosted=selfhosted_settings(server_url)
         )
-        store = WalletStore.open(path)
+        created = _claim_new_folder(path)
+        try:
+            store = WalletStore.open(path)
+        except BaseException:
+            _remove_if_created(path, created)
+            raise
         bridge = LibsignalBridge(record_source=store)
         client: IntermediaryClient | None = None
         try:
@@ -178,6 +183,8 @@ class Wallet:
                 await client.aclose()
             await bridge.aclose()
             store.close()
+            # A registration that failed leaves no half-made wallet behind.
+            _remove_if_created(path, created)
             raise
         log.info(
             "wallet %s registered as account %s (%.0f ms)",
@@ -224,6 +231,11 @@ class Wallet:
             NoSession: this wallet has not exchanged a message with ``peer`` yet, so it holds
                 no identity key for it.
         """
+        if self._bridge is None or self.account is None:
+            raise NoSession(
+                "signal-cli holds this wallet's identity keys, not the wallet",
+                hint="compare safety numbers in a Signal app linked to the same account",
+            )
         remote_key = self.store.load_record("identity", peer)
         if remote_key is None:
             raise NoSession(
@@ -359,3 +371,34 @@ async def _open_identity(bridge: LibsignalBridge, account: Account, config: Wall
         trust_policy=config.trust_policy,
         last_resort_kyber_ids=[LAST_RESORT_KYBER_ID],
     )
+
+
+def _claim_new_folder(path: Path) -> bool:
+    """Check that ``path`` can become a new wallet; True when this call created the folder.
+
+    Raises:
+        ConfigError: the path is empty, is a file, or is a folder that already holds files.
+    """
+    if not str(path).strip() or path == Path():
+        raise ConfigError("name the folder for the new wallet")
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{path} exists and is not a folder")
+        if any(path.iterdir()):
+            raise ConfigError(
+                f"{path} is not empty", hint="give a new or empty folder for the wallet"
+            )
+        return False
+    try:
+        path.mkdir(parents=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path}: {exc.strerror or exc}") from exc
+    return True
+
+
+def _remove_if_created(path: Path, created: bool) -> None:
+    if created:
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        for name in (DATABASE_NAME, f"{DATABASE_NAME}-wal", f"{DATABASE_NAME}-shm", LOCK_NAME):
+            (path / name).unlink(missing_ok=True)
