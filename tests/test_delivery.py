@@ -17,7 +17,7 @@ import pytest
 from tigress_signal.channel import SealedMessage
 from tigress_signal.credentials import ProvisioningInformation
 from tigress_signal.intermediary.client import IntermediaryClient
-from tigress_signal.intermediary.config import IntermediaryConfig
+from tigress_signal.intermediary.config import IntermediaryConfig, RateLimit
 from tigress_signal.intermediary.server import IntermediaryServer
 from tigress_signal.shares.states import ShareState
 from tigress_signal.wallet.wallet import Wallet
@@ -218,3 +218,37 @@ async def test_many_shares_between_many_wallets_at_once(server_config, tmp_path)
                 assert len(received) == 9  # 3 shares from each of the 3 others, once each
                 assert len(set(received)) == 9
                 assert all(text.split("->")[1].startswith(wallet.account_id) for text in received)
+
+
+async def test_a_drained_prekey_pool_is_refilled_and_old_keys_still_work(server_config, tmp_path):
+    # A lenient bundle-fetch limit: this test plays someone draining a pool on purpose.
+    lenient = server_config.model_copy(
+        update={"bundle_fetch_rate": RateLimit(burst=1000, per_second=100.0)}
+    )
+    async with IntermediaryServer(lenient) as server:
+        alice = await Wallet.create(tmp_path / "alice", server.url)
+        bob = await Wallet.create(tmp_path / "bob", server.url)
+        async with alice, bob, client_of(alice, server.url) as taker:
+            # Someone takes most of Bob's one-time keys while he is offline.
+            for _ in range(80):
+                await taker.fetch_bundle(bob.account_id)
+            async with client_of(bob, server.url) as own:
+                drained = await own.prekey_counts()
+                assert (drained.count, drained.pq_count) == (20, 20)
+                # Alice starts her session with a bundle taken before the refill.
+                share = await alice.shares.offer_provisioning(
+                    bob.account_id, token("x"), title="x"
+                )
+                async with receiving(bob):
+                    await bob.shares.wait_for(share.share_id, [ShareState.OFFERED], WAIT)
+                    refilled = await own.prekey_counts()
+            assert (refilled.count, refilled.pq_count) == (100, 100)
+            # New ids, never one handed out before.
+            ids = [
+                int(k)
+                for (k,) in bob.store.connection.execute(
+                    "SELECT key FROM records WHERE kind = 'prekey'"
+                )
+            ]
+            assert len(ids) == len(set(ids))
+            assert max(ids) == 200

@@ -65,6 +65,8 @@ class SelfHostedChannel(CredentialChannel):
         bridge: the wallet's libsignal sidecar, already opened with the wallet's identity.
         client: an intermediary client authenticated as this wallet's device.
         account: this wallet's account.
+        on_connect: called after every (re)connection, before messages are taken (the wallet
+            checks its prekey pools there).
     """
 
     name = "selfhosted"
@@ -75,8 +77,11 @@ class SelfHostedChannel(CredentialChannel):
         bridge: LibsignalBridge,
         client: IntermediaryClient,
         account: Account,
+        *,
+        on_connect: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
+        self._on_connect = on_connect
         self._bridge = bridge
         self._client = client
         self._account = account
@@ -232,6 +237,8 @@ class SelfHostedChannel(CredentialChannel):
             try:
                 async with self._client.connect_websocket() as socket:
                     delay = _RECONNECT_FIRST_DELAY
+                    if self._on_connect is not None:
+                        await self._on_connect()
                     # Catch up on what was stored while we were away before taking pushes.
                     for envelope in await self._client.list_all_messages():
                         incoming = await self._open(envelope, self._rest_ack(envelope.guid))

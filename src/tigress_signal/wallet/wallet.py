@@ -23,7 +23,7 @@ from tigress_signal.bridge.signal_cli_client import SignalCliClient
 from tigress_signal.bridge.signal_cli_dbus import SignalCliDbusClient
 from tigress_signal.bridge.signal_cli_jsonrpc import SignalCliJsonRpcClient
 from tigress_signal.channel import CredentialChannel
-from tigress_signal.errors import ConfigError, NoSession, StoreError
+from tigress_signal.errors import ConfigError, NoSession, StoreError, TigressSignalError
 from tigress_signal.intermediary.client import IntermediaryClient
 from tigress_signal.shares.service import ShareService
 from tigress_signal.wallet.config import (
@@ -36,6 +36,7 @@ from tigress_signal.wallet.config import (
     save_wallet_config,
     selfhosted_settings,
 )
+from tigress_signal.wallet.prekeys import refill_prekeys
 from tigress_signal.wallet.store import DATABASE_NAME, LOCK_NAME, Account, WalletStore
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ class Wallet:
         folder: the wallet folder.
         store: its SQLite store.
         config: its configuration.
-        account: its account at the intermediary (None when signal-cli holds the account).
+        account: its account at the intermediary (not for a wallet whose account is in
+            signal-cli; see :attr:`account_id`).
         channel: the channel its transfers travel over.
         shares: its shares.
     """
@@ -76,24 +78,46 @@ class Wallet:
         self.folder = folder
         self.store = store
         self.config = config
-        self.account = account
+        self._account = account
         self._bridge = bridge
         self._client = client
         if channel is None:
             # The self-hosted channel needs all three; the signal-cli one comes ready-made.
             if account is None or bridge is None or client is None:
                 raise ValueError("a self-hosted wallet needs its account, sidecar and client")
-            channel = SelfHostedChannel(store, bridge, client, account)
+            channel = SelfHostedChannel(
+                store, bridge, client, account, on_connect=self._maintain_prekeys
+            )
         self.channel: CredentialChannel = channel
         self.shares = ShareService(store, self.channel)
+
+    async def _maintain_prekeys(self) -> None:
+        # Checked on every (re)connect: a wallet that was offline may have been drained.
+        if self._bridge is None or self._client is None:
+            return
+        try:
+            await refill_prekeys(self.store, self._bridge, self._client)
+        except TigressSignalError as exc:
+            log.warning("could not refill one-time prekeys now: %s", exc.user_message())
 
     @property
     def account_id(self) -> str:
         """This wallet's account id (a Signal number over signal-cli): what others send to."""
-        if self.account is None:
+        if self._account is None:
             assert self.config.signal_cli is not None  # the config validator guarantees it
             return self.config.signal_cli.account
-        return self.account.account_id
+        return self._account.account_id
+
+    @property
+    def account(self) -> Account:
+        """This wallet's account at the intermediary.
+
+        Raises:
+            ConfigError: the wallet's account is held by signal-cli, not by this wallet.
+        """
+        if self._account is None:
+            raise ConfigError(f"the wallet in {self.folder} has its Signal account in signal-cli")
+        return self._account
 
     @classmethod
     async def create(
@@ -141,7 +165,8 @@ class Wallet:
             (last_resort,) = await bridge.generate_kyber_prekeys(LAST_RESORT_KYBER_ID, 1, now_ms)
             with store.transaction() as conn:
                 first_ec = store.next_ids(conn, "prekey", INITIAL_PREKEYS)
-                first_kyber = store.next_ids(conn, "kyber_prekey", INITIAL_PREKEYS) + 1
+                # The last-resort Kyber key takes the first id, the one-time keys the next ones.
+                first_kyber = store.next_ids(conn, "kyber_prekey", INITIAL_PREKEYS + 1) + 1
             prekeys = await bridge.generate_prekeys(first_ec, INITIAL_PREKEYS)
             pq_prekeys = await bridge.generate_kyber_prekeys(first_kyber, INITIAL_PREKEYS, now_ms)
             with store.transaction() as conn:
@@ -231,7 +256,7 @@ class Wallet:
             NoSession: this wallet has not exchanged a message with ``peer`` yet, so it holds
                 no identity key for it.
         """
-        if self._bridge is None or self.account is None:
+        if self._bridge is None or self._account is None:
             raise NoSession(
                 "signal-cli holds this wallet's identity keys, not the wallet",
                 hint="compare safety numbers in a Signal app linked to the same account",
@@ -243,7 +268,7 @@ class Wallet:
                 hint="exchange a message with this peer first (a share or an offer)",
             )
         return await self._bridge.safety_number(
-            self.account_id, self.account.identity_public_key, peer, remote_key
+            self.account_id, self._account.identity_public_key, peer, remote_key
         )
 
     @classmethod
