@@ -252,3 +252,19 @@ async def test_a_drained_prekey_pool_is_refilled_and_old_keys_still_work(server_
             ]
             assert len(ids) == len(set(ids))
             assert max(ids) == 200
+
+
+async def test_a_rate_limited_send_waits_and_then_goes_out(server_config, tmp_path, caplog):
+    # One message at once per pair, then one every two seconds.
+    strict = server_config.model_copy(update={"message_rate": RateLimit(burst=1, per_second=0.5)})
+    async with IntermediaryServer(strict) as server:
+        alice = await Wallet.create(tmp_path / "alice", server.url)
+        bob = await Wallet.create(tmp_path / "bob", server.url)
+        async with alice, bob, receiving(alice), receiving(bob):
+            first = await alice.shares.offer_provisioning(bob.account_id, token("1"), title="1")
+            second = await alice.shares.offer_provisioning(bob.account_id, token("2"), title="2")
+            assert any("asked to wait" in r.getMessage() for r in caplog.records)
+            for share in (first, second):
+                await bob.shares.wait_for(share.share_id, [ShareState.OFFERED], WAIT)
+            outbox = alice.store.connection.execute("SELECT count(*) FROM outbox").fetchone()
+            assert outbox[0] == 0

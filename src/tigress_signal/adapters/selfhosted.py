@@ -36,6 +36,7 @@ from tigress_signal.errors import (
     ChannelError,
     DuplicateMessage,
     NotFound,
+    RateLimited,
     ServerApiError,
     SignalProtocolError,
     TigressSignalError,
@@ -201,6 +202,8 @@ class SelfHostedChannel(CredentialChannel):
             await self._client.send_messages(sealed.peer, messages, timestamp=timestamp)
         except NotFound as exc:
             raise UnknownPeer(f"the intermediary has no account {sealed.peer}") from exc
+        except RateLimited:
+            raise  # the caller waits as long as the server asked
         except ServerApiError as exc:
             raise ChannelError(
                 f"the intermediary refused the message to {sealed.peer}: {exc}"

@@ -51,6 +51,7 @@ from tigress_signal.credentials import (
 from tigress_signal.credentials.messages import check_lock_id, describe_validation_error
 from tigress_signal.errors import (
     CredentialError,
+    RateLimited,
     ShareError,
     ShareExpired,
     TigressSignalError,
@@ -127,6 +128,7 @@ class ShareService:
         self._clock = clock
         self._changed = asyncio.Condition()
         self._outbox_lock = asyncio.Lock()
+        self._outbox_not_before = 0.0
         self._last_activity = time.monotonic()
         self._busy = False
 
@@ -254,7 +256,7 @@ class ShareService:
     async def _retry_outbox(self) -> None:
         delay = OUTBOX_RETRY_FIRST
         while True:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(max(delay, self._outbox_not_before - time.monotonic()))
             if self._outbox_size() == 0:
                 delay = OUTBOX_RETRY_FIRST
                 continue
@@ -397,9 +399,12 @@ class ShareService:
 
         Raises:
             TigressSignalError: delivering ``must_deliver`` failed (UnknownPeer, ChannelError,
-                UntrustedIdentity, ...).
+                UntrustedIdentity, ...). A rate limit is not a failure: the message stays in
+                the outbox and goes out once the server's Retry-After has passed.
         """
         failure: TigressSignalError | None = None
+        if time.monotonic() < self._outbox_not_before:
+            return  # still inside a Retry-After; the retry loop comes back
         async with self._outbox_lock:
             rows = self._store.connection.execute(
                 "SELECT message_id, share_id, peer, wire FROM outbox ORDER BY seq"
@@ -407,6 +412,13 @@ class ShareService:
             for message_id, share_id, peer, wire in rows:
                 try:
                     await self._channel.deliver(SealedMessage(peer, bytes(wire)))
+                except RateLimited as exc:
+                    # Nothing more goes out before the server's Retry-After has passed.
+                    wait = exc.retry_after if exc.retry_after is not None else OUTBOX_RETRY_FIRST
+                    self._outbox_not_before = time.monotonic() + wait
+                    log.warning("the intermediary asked to wait %.1f s before sending more", wait)
+                    # Not a failure of the caller's step: it is stored and goes out later.
+                    break
                 except UnknownPeer as exc:
                     self._drop_from_outbox(message_id, share_id, cancel_share=True)
                     log.warning("dropped message %s: %s", message_id, exc)
