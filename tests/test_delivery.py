@@ -8,10 +8,14 @@ import asyncio
 import base64
 import contextlib
 import json
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tigress_signal.channel import SealedMessage
@@ -268,3 +272,62 @@ async def test_a_rate_limited_send_waits_and_then_goes_out(server_config, tmp_pa
                 await bob.shares.wait_for(share.share_id, [ShareState.OFFERED], WAIT)
             outbox = alice.store.connection.execute("SELECT count(*) FROM outbox").fetchone()
             assert outbox[0] == 0
+
+
+async def test_a_half_open_connection_is_noticed_and_nothing_is_lost(tmp_path, caplog):
+    # The intermediary runs as its own process so that it can be frozen (SIGSTOP): its TCP
+    # connections stay open but nothing answers, as after a NAT drop or a hung host.
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "serve.log").open("wb")
+    process = subprocess.Popen(  # noqa: ASYNC220 - starts at once; waits are polled below
+        [sys.executable, "-m", "tigress_signal", "serve", "--port", str(port),
+         "--database", f"sqlite:///{tmp_path / 'intermediary.db'}"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with httpx.AsyncClient() as probe:
+            for _ in range(300):
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await probe.get(f"{url}/health")).status_code == 200:
+                        break
+                await asyncio.sleep(0.1)
+        alice = await Wallet.create(tmp_path / "alice", url)
+        await alice.aclose()
+        bob = await Wallet.create(tmp_path / "bob", url)
+        await bob.aclose()
+        for folder in (tmp_path / "alice", tmp_path / "bob"):
+            config = (folder / "wallet.toml").read_text()
+            (folder / "wallet.toml").write_text(
+                config.replace("keepalive_seconds = 20.0", "keepalive_seconds = 1.0")
+            )
+        alice = await Wallet.open(tmp_path / "alice")
+        bob = await Wallet.open(tmp_path / "bob")
+        async with alice, bob, receiving(alice), receiving(bob):
+            first = await alice.shares.offer_provisioning(bob.account_id, token("1"), title="1")
+            await bob.shares.wait_for(first.share_id, [ShareState.OFFERED], WAIT)
+            await bob.shares.accept(first.share_id)
+            await alice.shares.wait_for(first.share_id, [ShareState.ACCEPTED], WAIT)
+
+            caplog.clear()
+            process.send_signal(signal.SIGSTOP)
+            # A missed keepalive (1 s to answer, 1 s to close) and both wallets give the
+            # connection up; allow a few seconds on a busy machine.
+            for _ in range(80):
+                lost = [r for r in caplog.records if "connection lost" in r.getMessage()]
+                if len(lost) >= 2:
+                    break
+                await asyncio.sleep(0.1)
+            assert len(lost) >= 2, [r.getMessage() for r in caplog.records]
+            process.send_signal(signal.SIGCONT)
+
+            second = await alice.shares.offer_provisioning(bob.account_id, token("2"), title="2")
+            await bob.shares.wait_for(second.share_id, [ShareState.OFFERED], WAIT)
+            await bob.shares.accept(second.share_id)
+            await alice.shares.wait_for(second.share_id, [ShareState.ACCEPTED], WAIT)
+            assert sorted(c.content for c in bob.shares.credentials()) == [b"1", b"2"]
+    finally:
+        process.send_signal(signal.SIGCONT)
+        process.terminate()
+        process.wait(15)
+        log.close()

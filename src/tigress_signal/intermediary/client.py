@@ -183,6 +183,7 @@ class IntermediaryClient:
         credentials: the device's credentials, or None until :meth:`authenticate`.
         timeout: seconds for each HTTP call.
         transport: an httpx transport to use instead of the network (tests).
+        keepalive: seconds between WebSocket pings, and how long an answer may take.
     """
 
     def __init__(
@@ -192,10 +193,12 @@ class IntermediaryClient:
         credentials: DeviceCredentials | None = None,
         timeout: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        keepalive: float = 20.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.credentials = credentials
         self._timeout = timeout
+        self._keepalive = keepalive
         # trust_env=False: the server is named explicitly; proxy variables of the
         # environment must not redirect wallet traffic elsewhere.
         self._http = httpx.AsyncClient(
@@ -467,6 +470,12 @@ class IntermediaryClient:
                 url,
                 additional_headers={"Authorization": credentials.authorization()},
                 open_timeout=self._timeout,
+                # A ping every `keepalive` seconds that must be answered within as long: a
+                # half-open connection (a server that stopped answering without closing TCP)
+                # is noticed and the caller reconnects, instead of waiting forever.
+                ping_interval=self._keepalive,
+                ping_timeout=self._keepalive,
+                close_timeout=self._keepalive,
                 max_size=_WS_MAX_FRAME,
                 proxy=None,
             )

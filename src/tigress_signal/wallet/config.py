@@ -26,11 +26,12 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Field,
     HttpUrl,
     ValidationError,
     field_validator,
@@ -52,11 +53,14 @@ class SelfHostedSettings(BaseModel):
 
     Attributes:
         server_url: the intermediary's base URL.
+        keepalive_seconds: how often the wallet pings its WebSocket, and how long an answer
+            may take before the connection counts as dead and is opened again.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     server_url: HttpUrl
+    keepalive_seconds: Annotated[float, Field(gt=0, le=3600)] = 20.0
 
 
 class SignalCliSettings(BaseModel):
@@ -137,11 +141,20 @@ class WalletConfig(BaseModel):
             raise ConfigError("wallet.toml: [selfhosted] server_url is missing")
         return str(self.selfhosted.server_url).rstrip("/")
 
+    def keepalive(self) -> float:
+        """Seconds between the self-hosted channel's WebSocket pings."""
+        return 20.0 if self.selfhosted is None else self.selfhosted.keepalive_seconds
+
     def to_toml(self) -> str:
         """The configuration as the text of a ``wallet.toml``."""
         lines = [f'channel = "{self.channel}"', f'trust_policy = "{self.trust_policy}"']
         if self.selfhosted is not None:
-            lines += ["", "[selfhosted]", f'server_url = "{self.server_url()}"']
+            lines += [
+                "",
+                "[selfhosted]",
+                f'server_url = "{self.server_url()}"',
+                f"keepalive_seconds = {self.selfhosted.keepalive_seconds}",
+            ]
         if self.signal_cli is not None:
             lines += ["", "[signal_cli]"]
             for key, value in self.signal_cli.model_dump(exclude_none=True).items():

@@ -179,7 +179,7 @@ class Wallet:
                 )
 
             # Register, then publish the one-time keys with the new account's credentials.
-            client = IntermediaryClient(config.server_url())
+            client = IntermediaryClient(config.server_url(), keepalive=config.keepalive())
             registered = await client.create_account(
                 identity_key=identity.public_key,
                 registration_id=identity.registration_id,
@@ -241,7 +241,7 @@ class Wallet:
             config = load_wallet_config(path)
             await bridge.start()
             await _open_identity(bridge, account, config)
-            client = IntermediaryClient(config.server_url())
+            client = IntermediaryClient(config.server_url(), keepalive=config.keepalive())
             client.authenticate(account.account_id, account.device_id, account.password)
         except BaseException:
             await bridge.aclose()
