@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint typecheck unit bench clean
+.PHONY: setup demo test lint typecheck unit bench bench-intermediary clean
 
 setup:
 	@bash scripts/setup.sh
@@ -29,6 +29,10 @@ test: lint typecheck unit
 
 bench: setup
 	@$(PY) -m benchmarks
+
+# Intermediary deliveries/s against an ASGI echo endpoint, SQLite and PostgreSQL (a few minutes).
+bench-intermediary: setup
+	@$(PY) -m benchmarks.intermediary
 
 clean:
 	rm -rf $(VENV) bridge/node_modules .mypy_cache .ruff_cache .pytest_cache

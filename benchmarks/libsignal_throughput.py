@@ -14,6 +14,13 @@ direction alternating so the ratchet takes a DH step every time. Three measureme
 
 The headline ratio is the like-for-like one: Python with 1 conversation over raw libsignal,
 which also runs one conversation, each step waiting for the previous one.
+
+Each measurement also reports the CPU time it used per operation, summed over every process
+involved (raw: the one Node process; Python: this process and both sidecars). The raw baseline
+runs on one core; the Python cases spread over three processes, so the N-conversation case can
+keep both cores of a 2-vCPU machine busy. Its throughput ratio therefore compares two cores with
+one, while the CPU ratio (raw CPU per operation over Python CPU per operation) compares the work
+each needs per message.
 """
 
 from __future__ import annotations
@@ -58,12 +65,25 @@ class Settings:
 
 @dataclass
 class RunResult:
-    """Operations per second of one run, for each measurement."""
+    """Operations per second of one run, for each measurement, and CPU microseconds per
+    operation (all processes of the measurement; None where the platform does not tell)."""
 
     raw: float
     sequential: float
     concurrent: float
     in_memory: float
+    raw_cpu: float | None = None
+    sequential_cpu: float | None = None
+    concurrent_cpu: float | None = None
+    in_memory_cpu: float | None = None
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One measurement: operations per second and CPU microseconds per operation."""
+
+    ops_per_sec: float
+    cpu_per_op: float | None
 
 
 class Store(Protocol):
@@ -117,8 +137,8 @@ class Party:
             self.store.apply_changes(conn, changes)
 
 
-def run_raw(settings: Settings) -> float:
-    """Run the Node baseline once; return its operations per second."""
+def run_raw(settings: Settings) -> Measured:
+    """Run the Node baseline once; return its operations per second and CPU per operation."""
     script = locate_sidecar().parent / "bench_raw.mjs"
     node = os.environ.get("TIGRESS_SIGNAL_NODE", "node")
     output = subprocess.run(
@@ -136,7 +156,19 @@ def run_raw(settings: Settings) -> float:
         capture_output=True,
         text=True,
     ).stdout
-    return float(json.loads(output)["opsPerSec"])
+    answer = json.loads(output)
+    cpu = answer.get("cpuMicrosPerOp")
+    return Measured(float(answer["opsPerSec"]), None if cpu is None else float(cpu))
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU seconds of another process so far (Linux /proc), else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def make_party(folder: Path | None, name: str, conversations: int) -> Party:
@@ -232,15 +264,33 @@ class Conversations:
             done += 1
         return done
 
-    async def measure(self, seconds: float, warmup: float, parallel: int) -> float:
+    def cpu_seconds(self) -> float | None:
+        """CPU seconds used so far by this process and both sidecars, if the platform tells."""
+        total = time.process_time()
+        for party in (self.alice, self.bob):
+            pid = party.bridge.pid
+            used = None if pid is None else process_cpu_seconds(pid)
+            if used is None:
+                return None
+            total += used
+        return total
+
+    async def measure(self, seconds: float, warmup: float, parallel: int) -> Measured:
         """Operations per second with ``parallel`` conversations in flight at once."""
         await asyncio.gather(
             *(self.converse(i, time.perf_counter() + warmup) for i in range(parallel))
         )
+        cpu_before = self.cpu_seconds()
         started = time.perf_counter()
         until = started + seconds
         counts = await asyncio.gather(*(self.converse(i, until) for i in range(parallel)))
-        return sum(counts) / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        cpu_after = self.cpu_seconds()
+        ops = sum(counts)
+        cpu = None
+        if cpu_before is not None and cpu_after is not None and ops:
+            cpu = (cpu_after - cpu_before) / ops * 1e6
+        return Measured(ops / elapsed, cpu)
 
     async def aclose(self) -> None:
         for party in (self.alice, self.bob):
@@ -263,12 +313,24 @@ async def run(settings: Settings) -> list[RunResult]:
                     settings.seconds, settings.warmup, settings.conversations
                 )
                 memory = await in_memory.measure(settings.seconds, settings.warmup, 1)
-                results.append(RunResult(raw, sequential, concurrent, memory))
+                results.append(
+                    RunResult(
+                        raw.ops_per_sec,
+                        sequential.ops_per_sec,
+                        concurrent.ops_per_sec,
+                        memory.ops_per_sec,
+                        raw.cpu_per_op,
+                        sequential.cpu_per_op,
+                        concurrent.cpu_per_op,
+                        memory.cpu_per_op,
+                    )
+                )
                 print(
-                    f"[bench] run {n}/{settings.runs}: raw {raw:,.0f} ops/s, "
-                    f"python 1 conversation {sequential:,.0f} ops/s, "
-                    f"python {settings.conversations} conversations {concurrent:,.0f} ops/s, "
-                    f"python 1 conversation in memory {memory:,.0f} ops/s",
+                    f"[bench] run {n}/{settings.runs}: raw {raw.ops_per_sec:,.0f} ops/s, "
+                    f"python 1 conversation {sequential.ops_per_sec:,.0f} ops/s, "
+                    f"python {settings.conversations} conversations "
+                    f"{concurrent.ops_per_sec:,.0f} ops/s, "
+                    f"python 1 conversation in memory {memory.ops_per_sec:,.0f} ops/s",
                     flush=True,
                 )
         finally:
@@ -277,12 +339,30 @@ async def run(settings: Settings) -> list[RunResult]:
     return results
 
 
+def _median_cpu(values: Iterable[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def _cpu_column(cpu: float | None, raw_cpu: float | None) -> str:
+    if cpu is None:
+        return ""
+    text = f"   CPU {cpu:>5,.0f} us/op"
+    if raw_cpu is not None:
+        text += f" (CPU ratio {raw_cpu / cpu:.2f})"
+    return text
+
+
 def report(settings: Settings, results: list[RunResult]) -> dict[str, object]:
     """Print the medians and ratios; return them for a results file."""
     raw = statistics.median(r.raw for r in results)
     sequential = statistics.median(r.sequential for r in results)
     concurrent = statistics.median(r.concurrent for r in results)
     memory = statistics.median(r.in_memory for r in results)
+    raw_cpu = _median_cpu(r.raw_cpu for r in results)
+    sequential_cpu = _median_cpu(r.sequential_cpu for r in results)
+    concurrent_cpu = _median_cpu(r.concurrent_cpu for r in results)
+    memory_cpu = _median_cpu(r.in_memory_cpu for r in results)
     ratio = sequential / raw
     concurrent_ratio = concurrent / raw
     n = settings.conversations
@@ -291,24 +371,28 @@ def report(settings: Settings, results: list[RunResult]) -> dict[str, object]:
         f"libsignal throughput: {settings.payload} B payload, alternating directions, "
         f"encrypt+decrypt per operation, median of {len(results)} runs of {settings.seconds:g} s"
     )
-    print(f"  raw libsignal (one Node process, in-memory stores)  {raw:>9,.0f} ops/s")
+    print(
+        f"  raw libsignal (one Node process, in-memory stores)  {raw:>9,.0f} ops/s"
+        f"             {_cpu_column(raw_cpu, None)}"
+    )
     print(
         f"  Python API + SQLite commits, 1 conversation         {sequential:>9,.0f} ops/s"
-        f"   ratio {ratio:.2f}"
+        f"   ratio {ratio:.2f}{_cpu_column(sequential_cpu, raw_cpu)}"
     )
     print(
         f"  Python API + SQLite commits, {n} conversations at once {concurrent:>7,.0f} ops/s"
-        f"   ratio {concurrent_ratio:.2f}"
+        f"   ratio {concurrent_ratio:.2f}{_cpu_column(concurrent_cpu, raw_cpu)}"
     )
     print(
         f"  diagnostic: Python API, records in memory, 1 conv. {memory:>9,.0f} ops/s"
-        f"   ratio {memory / raw:.2f}"
+        f"   ratio {memory / raw:.2f}{_cpu_column(memory_cpu, raw_cpu)}"
     )
     verdict = "meets" if ratio >= TARGET_RATIO else "misses"
     print(
         f"Headline ratio (1 conversation vs raw, like for like): {ratio:.2f}, "
         f"{verdict} the {TARGET_RATIO} target. The {n}-conversation figure uses both sidecars "
-        "at once (two processes), which the single-process raw baseline cannot."
+        "at once (two processes), which the single-process raw baseline cannot; its CPU ratio "
+        "says how much more CPU time each message costs than in raw libsignal."
     )
     return {
         "settings": settings.__dict__,
@@ -318,6 +402,12 @@ def report(settings: Settings, results: list[RunResult]) -> dict[str, object]:
             "sequential": sequential,
             "concurrent": concurrent,
             "in_memory_sequential": memory,
+        },
+        "median_cpu_micros_per_op": {
+            "raw": raw_cpu,
+            "sequential": sequential_cpu,
+            "concurrent": concurrent_cpu,
+            "in_memory_sequential": memory_cpu,
         },
         "ratio_sequential": ratio,
         "ratio_concurrent": concurrent_ratio,

@@ -184,8 +184,10 @@ async function main() {
   };
   ops += await run(warmup * 1000);
   const started = performance.now();
+  const cpuBefore = process.cpuUsage();
   const measured = await run(seconds * 1000);
   const elapsed = (performance.now() - started) / 1000;
+  const cpu = process.cpuUsage(cpuBefore);
 
   process.stdout.write(
     JSON.stringify({
@@ -194,6 +196,7 @@ async function main() {
       ops: measured,
       seconds: elapsed,
       opsPerSec: measured / elapsed,
+      cpuMicrosPerOp: (cpu.user + cpu.system) / measured,
       libsignalVersion: VERSION,
       node: process.version,
     }) + '\n',

@@ -1,4 +1,5 @@
-// tigress-signal's libsignal sidecar: newline-delimited JSON-RPC over stdin/stdout.
+// tigress-signal's libsignal sidecar: newline-delimited JSON-RPC over stdin/stdout, a line
+// optionally followed by binary blobs (message and record bytes, without base64).
 //
 // The protocol is described in docs/architecture.md ("Sidecar protocol"). In short: Python sends
 // requests, the sidecar answers them (possibly out of order), and asks Python for records it
@@ -641,7 +642,8 @@ function blobsSize(message) {
 }
 
 // Input: a line of JSON, then the bytes of the blobs it announces, if any.
-let pending = Buffer.alloc(0);
+let chunks = []; // input not yet parsed; joined once it holds a whole line or all awaited blobs
+let chunksSize = 0;
 let awaiting = null; // {message, size}: a parsed line waiting for the bytes of its blobs
 
 function takeBlobs(bytes, start) {
@@ -659,7 +661,14 @@ function takeBlobs(bytes, start) {
 }
 
 process.stdin.on('data', (chunk) => {
-  const bytes = pending.length === 0 ? chunk : Buffer.concat([pending, chunk]);
+  chunks.push(chunk);
+  chunksSize += chunk.length;
+  if (awaiting !== null ? chunksSize < awaiting.size : chunk.indexOf(10) === -1) {
+    return;
+  }
+  const bytes = chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, chunksSize);
+  chunks = [];
+  chunksSize = 0;
   let start = 0;
   for (;;) {
     if (awaiting !== null) {
@@ -688,13 +697,16 @@ process.stdin.on('data', (chunk) => {
     const size = blobsSize(message);
     if (size < 0) {
       diagnose('dropped a line whose blobs are not a list of lengths');
-    } else if (size === 0 && message.blobs === undefined) {
+    } else if (message.blobs === undefined) {
       handleMessage(message);
     } else {
       awaiting = { message, size };
     }
   }
-  pending = start === bytes.length ? Buffer.alloc(0) : bytes.subarray(start);
+  if (start < bytes.length) {
+    chunks.push(bytes.subarray(start));
+    chunksSize = bytes.length - start;
+  }
 });
 process.stdin.on('end', () => {
   flush();

@@ -99,7 +99,10 @@ async def database_rows(sql: str, *params: object) -> list[tuple[Any, ...]]:
     """Read the server's database directly (SQLite's WAL or PostgreSQL let us, while it runs)."""
     db = await Database.open(_current["url"])
     try:
-        return [tuple(row) for row in await db.fetch(sql, *params)]
+        return [
+            tuple(row[i] for i in range(len(list(row.keys()))))
+            for row in await db.fetch(sql, *params)
+        ]
     finally:
         await db.close()
 
@@ -222,18 +225,22 @@ async def register(server_url: str, *, prekeys: int = 0, pq_prekeys: int = 0) ->
     """Create an account with fake keys and upload one-time keys; the caller closes the client."""
     keys = new_keys()
     client = IntermediaryClient(server_url)
-    created = await client.create_account(
-        identity_key=keys.identity_key,
-        registration_id=keys.registration_id,
-        signed_prekey=keys.signed_prekey(),
-        pq_last_resort_prekey=keys.kyber_prekey(key_id=999),
-    )
-    client.authenticate(created.uuid, created.device_id, created.password)
-    if prekeys or pq_prekeys:
-        await client.upload_keys(
-            pre_keys=keys.prekeys(1, prekeys) if prekeys else None,
-            pq_pre_keys=keys.kyber_prekeys(1, pq_prekeys) if pq_prekeys else None,
+    try:
+        created = await client.create_account(
+            identity_key=keys.identity_key,
+            registration_id=keys.registration_id,
+            signed_prekey=keys.signed_prekey(),
+            pq_last_resort_prekey=keys.kyber_prekey(key_id=999),
         )
+        client.authenticate(created.uuid, created.device_id, created.password)
+        if prekeys or pq_prekeys:
+            await client.upload_keys(
+                pre_keys=keys.prekeys(1, prekeys) if prekeys else None,
+                pq_pre_keys=keys.kyber_prekeys(1, pq_prekeys) if pq_prekeys else None,
+            )
+    except BaseException:
+        await client.aclose()
+        raise
     return Registered(keys, client, created.uuid, created.device_id, created.password)
 
 
@@ -242,12 +249,16 @@ async def link(server_url: str, primary: Registered, registration_id: int = 5151
     code = await primary.client.issue_link_code()
     keys = FakeKeys(primary.keys.identity_key, registration_id)
     client = IntermediaryClient(server_url)
-    linked = await client.link_device(
-        verification_code=code.verification_code,
-        registration_id=registration_id,
-        signed_prekey=keys.signed_prekey(),
-        pq_last_resort_prekey=keys.kyber_prekey(key_id=999),
-    )
+    try:
+        linked = await client.link_device(
+            verification_code=code.verification_code,
+            registration_id=registration_id,
+            signed_prekey=keys.signed_prekey(),
+            pq_last_resort_prekey=keys.kyber_prekey(key_id=999),
+        )
+    except BaseException:
+        await client.aclose()
+        raise
     client.authenticate(linked.uuid, linked.device_id, linked.password)
     return Registered(keys, client, linked.uuid, linked.device_id, linked.password)
 

@@ -147,6 +147,37 @@ async def test_pqxdh_session_and_messages_in_both_directions(
     assert forged.digits != ours.digits
 
 
+async def test_large_messages_cross_the_pipes_in_pieces(
+    bridge_wallets: BridgeWalletFactory,
+) -> None:
+    # Payloads and records travel as binary blobs after their JSON line. Messages far larger
+    # than a pipe's buffer make both sides write in several pieces and read a line and its
+    # blobs across many reads, with several calls in flight at once.
+    alice = await bridge_wallets("alice")
+    bob = await bridge_wallets("bob")
+    carol = await bridge_wallets("carol")
+    await start_session(alice, bob.bundle(), bob)
+    await start_session(alice, carol.bundle(), carol)
+    await send(alice, bob, b"hello")
+    await send(alice, carol, b"hello")
+    big = os.urandom(3 * 1024 * 1024)
+    to_bob, to_carol = await asyncio.gather(
+        alice.bridge.encrypt(bob.address, big),
+        alice.bridge.encrypt(carol.address, big[::-1]),
+    )
+    assert len(to_bob.ciphertext) > len(big)
+    for encrypted, peer, expected in ((to_bob, bob, big), (to_carol, carol, big[::-1])):
+        alice.records.apply(encrypted.changes)
+        received = await peer.bridge.decrypt(
+            alice.address, encrypted.message_type, encrypted.ciphertext
+        )
+        peer.records.apply(received.changes)
+        assert received.plaintext == expected
+    # The streams are still in step: small and empty messages both ways afterwards.
+    await send(bob, alice, b"")
+    await send(alice, bob, b"after the big one")
+
+
 async def test_safety_numbers_match_for_uuid_account_ids(
     bridge_wallets: BridgeWalletFactory,
 ) -> None:
@@ -419,13 +450,13 @@ def track_calls(bridge: LibsignalBridge) -> tuple[dict[str, int], dict[str, int]
     most: dict[str, int] = {}
     original = bridge._request
 
-    async def tracked(process: Any, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    async def tracked(sidecar: Any, method: str, params: dict[str, Any]) -> dict[str, Any]:
         peer = params.get("address", {}).get("name", "-")
         now[peer] = now.get(peer, 0) + 1
         most[peer] = max(most.get(peer, 0), now[peer])
         most["*"] = max(most.get("*", 0), sum(now.values()))
         try:
-            return await original(process, method, params)
+            return await original(sidecar, method, params)
         finally:
             now[peer] -= 1
 

@@ -11,15 +11,17 @@ these tests fail (they are never skipped).
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+
 from fakes.signal_cli import RECORDED, interface_summary
 from signal_cli_fixtures import private_bus, short_tmp
-
 from tigress_signal.bridge.signal_cli_dbus import SignalCliDbusClient
 from tigress_signal.bridge.signal_cli_jsonrpc import SignalCliJsonRpcClient
 from tigress_signal.errors import SignalCliAccountNotFound, SignalCliUnavailable
@@ -47,19 +49,20 @@ class RealDaemon:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def real_daemon() -> AsyncIterator[RealDaemon]:
     with short_tmp() as folder:
+        log_file = folder / "daemon.log"
         async with private_bus(folder) as address:
             options = DaemonOptions(
                 config_dir=folder / "data",
                 bus_address=address,
                 socket=folder / "rpc.sock",
                 wrapper=NO_NETWORK,
-                log_file=folder / "daemon.log",
+                log_file=log_file,
             )
             daemon = SignalCliDaemon(options)
             try:
                 await daemon.start(ready_timeout=READY)
             except SignalCliUnavailable:
-                log = options.log_file.read_text() if options.log_file.exists() else ""
+                log = log_file.read_text() if log_file.exists() else ""
                 pytest.fail(f"the real signal-cli did not start:\n{log[-2000:]}")
             try:
                 yield RealDaemon(folder, address, folder / "rpc.sock", daemon)
@@ -136,6 +139,35 @@ async def test_jsonrpc_stdio_answers(real_daemon: RealDaemon) -> None:
         assert await client.list_accounts() == []
     finally:
         await client.close()
+
+
+@in_module_loop
+async def test_the_start_command_runs_a_daemon_and_stops_it() -> None:
+    with short_tmp() as folder:
+        async with private_bus(folder) as address:
+            process = await asyncio.create_subprocess_exec(
+                *NO_NETWORK,
+                sys.executable,
+                "-m",
+                "tigress_signal",
+                "signal-cli",
+                "start",
+                "--check",
+                "--wait",
+                str(READY),
+                "--config",
+                str(folder / "data"),
+                "--bus-address",
+                address,
+                "--socket",
+                str(folder / "rpc.sock"),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(process.communicate(), READY + 30)
+    assert process.returncode == 0, err.decode()[-2000:]
+    assert "signal-cli is running" in out.decode()
+    assert "org.asamk.Signal" in out.decode() and "rpc.sock" in out.decode()
 
 
 @in_module_loop

@@ -14,9 +14,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+
 from fakes.signal_cli import FakeDbusDaemon, FakeJsonRpcDaemon, FakeSignal
 from signal_cli_fixtures import ALICE, BOB, WAIT, private_bus, receiving, short_tmp
-
 from tigress_signal.credentials import ProvisioningInformation, ReferenceLock
 from tigress_signal.errors import UnknownPeer, UntrustedIdentity
 from tigress_signal.shares.service import DigitalKeyTerms
@@ -58,11 +58,15 @@ async def world(transport: str, folder: Path) -> AsyncIterator[World]:
         await daemon.start()
         stack.push_async_callback(daemon.stop)
         alice = await Wallet.create_signal_cli(
-            folder / "alice", settings(ALICE), transport=transport  # type: ignore[arg-type]
+            folder / "alice",
+            settings(ALICE),
+            transport=transport,  # type: ignore[arg-type]
         )
         stack.push_async_callback(alice.aclose)
         bob = await Wallet.create_signal_cli(
-            folder / "bob", settings(BOB), transport=transport  # type: ignore[arg-type]
+            folder / "bob",
+            settings(BOB),
+            transport=transport,  # type: ignore[arg-type]
         )
         stack.push_async_callback(bob.aclose)
         await stack.enter_async_context(receiving(alice, bob))
@@ -138,7 +142,7 @@ async def test_chat_text_is_ignored(people: World, caplog: pytest.LogCaptureFixt
 
 
 async def test_an_invalid_number_stores_nothing(people: World) -> None:
-    with pytest.raises(UnknownPeer, match="E.164"):
+    with pytest.raises(UnknownPeer, match=r"E\.164"):
         await people.alice.shares.offer_access_token("0151 1234", ["x"], title="Nobody")
     assert people.alice.shares.shares() == []
     assert people.signal.sent == []

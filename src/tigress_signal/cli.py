@@ -31,6 +31,7 @@ from tigress_signal.credentials.messages import describe_validation_error
 from tigress_signal.errors import ConfigError, TigressSignalError
 from tigress_signal.shares.service import DigitalKeyTerms, Share
 from tigress_signal.shares.states import ShareState
+from tigress_signal.signal_cli.commands import add_commands as add_signal_cli_commands
 from tigress_signal.wallet.wallet import Wallet
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,8 @@ def _parser() -> argparse.ArgumentParser:
     safety.add_argument("--no-qr", action="store_true", help="digits only, no QR code")
     safety.set_defaults(run=_safety_number)
 
+    add_signal_cli_commands(commands)
+
     lock = commands.add_parser("lock", help="the reference lock").add_subparsers(
         title="lock commands", metavar="COMMAND", required=True
     )
@@ -289,7 +292,7 @@ async def _wallet_init(args: argparse.Namespace) -> int:
 async def _wallet_show(args: argparse.Namespace) -> int:
     async with await Wallet.open(args.folder) as wallet:
         print(f"account   {wallet.account_id}")
-        if wallet.account is not None:
+        if wallet.config.channel == "selfhosted":
             print(f"device    {wallet.account.device_id}")
         print(f"channel   {wallet.config.channel}")
         if wallet.config.selfhosted is not None:

@@ -268,7 +268,7 @@ class SignalCliError(TigressSignalError):
 class SignalCliUnavailable(SignalCliError):
     """No signal-cli daemon answers on the bus or socket, or it went away during a call."""
 
-    hint = "start it with 'tigress-signal signal-cli start' (it needs Java 21+)"
+    hint = "start it with 'tigress-signal signal-cli start'; signal-cli needs Java 21+"
 
 
 class SignalCliUnsupported(SignalCliError):

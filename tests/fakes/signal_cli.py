@@ -35,6 +35,8 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 RECORDED = Path(__file__).parent / "signal_cli_0_13_19"
+LINK_URI = "sgnl://linkdevice?uuid=fake-uuid&pub_key=fake-key"
+LINKED = "+15555550777"
 ROOT = "/org/asamk/Signal"
 VERSION = "0.13.19"
 _E164 = re.compile(r"^\+[1-9]\d{6,14}$")
@@ -183,8 +185,8 @@ def _node_xml(path: str, body: str, children: list[str]) -> str:
     root.set("name", path)
     for child in root.findall("node"):
         root.remove(child)
-    for child in children:
-        ElementTree.SubElement(root, "node", {"name": child})
+    for name in children:
+        ElementTree.SubElement(root, "node", {"name": name})
     return (
         '<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN"'
         ' "http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd">\n'
@@ -254,6 +256,14 @@ class FakeDbusDaemon:
                 await self._bus.wait_for_disconnect()
             self._bus = None
 
+    def link_account(self) -> None:
+        """What happens when a phone confirms a link: a new account in this daemon."""
+        if LINKED not in self.signal.mailboxes:
+            self.signal.register(LINKED)
+        if LINKED not in self.accounts:
+            self.accounts.append(LINKED)
+            self.subscribers[LINKED] = 0
+
     def path_of(self, number: str) -> str:
         return ROOT if self.single_account else f"{ROOT}/_{number[1:]}"
 
@@ -309,8 +319,10 @@ class FakeDbusDaemon:
             return [[self.path_of(n) for n in self.accounts]]
         if member == "org.asamk.SignalControl.getAccount":
             return [f"{ROOT}/{args[0].replace('+', '_')}"]
-        if member == "org.asamk.SignalControl.startLink":
-            return ["sgnl://linkdevice?uuid=fake&pub_key=fake"]
+        if member == "org.asamk.SignalControl.link":
+            # signal-cli answers at once and finishes linking when the phone confirms.
+            asyncio.get_running_loop().call_later(0.3, self.link_account)
+            return [LINK_URI]
         assert account is not None
         if member == "org.asamk.Signal.getSelfNumber":
             return [account]
@@ -473,6 +485,9 @@ class FakeJsonRpcDaemon:
             self._server.close()
             for writer in list(self._writers):
                 writer.close()
+            # Each connection's handler forgets its subscriptions as it ends; wait for that.
+            while self._writers:  # noqa: ASYNC110 - the handlers run on this same loop
+                await asyncio.sleep(0.01)
             await self._server.wait_closed()
             self._server = None
         if self.socket_path is not None:
@@ -539,6 +554,15 @@ class FakeJsonRpcDaemon:
         account = params.get("account")
         if account is None and len(self.accounts) == 1:
             account = self.accounts[0]
+        if method == "startLink":
+            return {"result": {"deviceLinkUri": LINK_URI}}
+        if method == "finishLink":
+            if params.get("deviceLinkUri") != LINK_URI:
+                return _rpc_error(-3, "Link request error: unknown link")
+            if LINKED not in self.signal.mailboxes:
+                self.signal.register(LINKED)
+            self.accounts.append(LINKED)
+            return {"result": {"number": LINKED}}
         if method not in {"send", "subscribeReceive", "unsubscribeReceive"}:
             return _rpc_error(-32601, "Method not implemented")
         if account not in self.accounts:

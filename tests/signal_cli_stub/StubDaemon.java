@@ -140,11 +140,15 @@ public final class StubDaemon {
         System.err.println("stub: delivered to " + RECEIVERS.size() + " receiver(s)");
     }
 
-    /** A sender as signal-cli knows it: a phone number, or an ACI when the number is hidden. */
+    /**
+     * A sender as signal-cli knows it: an ACI always (a made-up one derived from the number),
+     * plus the phone number when it is given rather than hidden.
+     */
     private static Object address(String who) throws Exception {
         boolean isNumber = who.startsWith("+");
-        return construct("RecipientAddress", isNumber ? Optional.empty() : Optional.of(who),
-                Optional.empty(), isNumber ? Optional.of(who) : Optional.empty(), Optional.empty());
+        String aci = isNumber ? java.util.UUID.nameUUIDFromBytes(who.getBytes(StandardCharsets.UTF_8)).toString() : who;
+        return construct("RecipientAddress", Optional.of(aci), Optional.empty(),
+                isNumber ? Optional.of(who) : Optional.empty(), Optional.empty());
     }
 
     private static Object stubAccount(String number) throws Exception {

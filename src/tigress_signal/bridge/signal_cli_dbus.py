@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from xml.etree import ElementTree
 
 from dbus_fast import BusType, Message, MessageType
@@ -192,6 +192,20 @@ class SignalCliDbusClient:
         (paths,) = await self._call(ROOT_PATH, CONTROL_INTERFACE, "listAccounts")
         return [_number_of(str(path)) for path in _strings(paths)]
 
+    async def link(self, device_name: str) -> str:
+        """Start linking the daemon as a new device; returns the ``sgnl://`` link to scan.
+
+        signal-cli finishes the linking in the background once the phone confirms; the new
+        account then appears in :meth:`list_accounts`.
+
+        Raises:
+            SignalCliUnsupported: the daemon runs a single account and cannot link another.
+        """
+        if not self._multi_account:
+            raise SignalCliUnsupported("a single-account signal-cli daemon cannot link devices")
+        (uri,) = await self._call(ROOT_PATH, CONTROL_INTERFACE, "link", "s", [device_name])
+        return str(uri)
+
     async def account_path(self, account: str) -> str:
         """The object path of one of the daemon's accounts.
 
@@ -234,7 +248,7 @@ class SignalCliDbusClient:
         log.info("subscribed to %s's messages on D-Bus", account)
         return queue
 
-    async def receive(self, account: str) -> AsyncIterator[ReceivedText]:
+    async def receive(self, account: str) -> AsyncGenerator[ReceivedText, None]:
         """Yield ``account``'s 1:1 texts, subscribing again after daemon restarts.
 
         Raises:

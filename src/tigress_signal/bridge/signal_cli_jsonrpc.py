@@ -27,7 +27,7 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -240,7 +240,7 @@ class SignalCliJsonRpcClient:
             recipient_uuid=address.get("uuid"),
         )
 
-    async def receive(self, account: str) -> AsyncIterator[ReceivedText]:
+    async def receive(self, account: str) -> AsyncGenerator[ReceivedText, None]:
         """Subscribe to ``account``'s messages on this connection and yield its 1:1 texts.
 
         Raises:

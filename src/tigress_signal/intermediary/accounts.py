@@ -2,7 +2,8 @@
 
 An account is created with its identity key, its first device's registration id, signed EC
 prekey and last-resort Kyber prekey; the server picks the account id (a random UUID) and the
-device password, and shows the password once. Creation needs no credentials.
+device password, and shows the password once. Creation needs no credentials; it is
+rate-limited per client address. Further devices are linked (:mod:`.devices`).
 """
 
 from __future__ import annotations
@@ -16,19 +17,22 @@ from starlette.responses import Response
 
 from tigress_signal.intermediary.api import json_response, read_entity
 from tigress_signal.intermediary.auth import new_password
-from tigress_signal.intermediary.context import context_of
+from tigress_signal.intermediary.context import client_address, context_of
 from tigress_signal.intermediary.entities import AccountCreated, AccountCreateRequest, WhoAmI
+from tigress_signal.intermediary.schema import key_digest
 from tigress_signal.intermediary.signatures import check_prekey_signatures
 
 logger = logging.getLogger(__name__)
 
-#: The only device an account has until linking more devices is built.
+#: The device an account is created with.
 PRIMARY_DEVICE_ID = 1
 
 
 async def create_account(request: Request) -> Response:
     """``POST /v1/accounts``: register an identity and its first device."""
     context = context_of(request)
+    # Registration is open; each one costs a password hash and two signature checks.
+    context.limiter.check("account_creation", client_address(request))
     body = await read_entity(request, AccountCreateRequest, context.config.max_body_bytes)
 
     # Both signed keys must verify with the new identity key before anything is stored.
@@ -68,6 +72,26 @@ async def create_account(request: Request) -> Response:
             body.pq_last_resort_pre_key.public_key,
             body.pq_last_resort_pre_key.signature,
             now,
+        )
+        await conn.executemany(
+            "INSERT INTO prekey_ids (account_uuid, device_id, kind, key_id, digest)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            [
+                (
+                    account_id,
+                    PRIMARY_DEVICE_ID,
+                    "signed",
+                    body.signed_pre_key.key_id,
+                    key_digest(body.signed_pre_key.public_key),
+                ),
+                (
+                    account_id,
+                    PRIMARY_DEVICE_ID,
+                    "kem",
+                    body.pq_last_resort_pre_key.key_id,
+                    key_digest(body.pq_last_resort_pre_key.public_key),
+                ),
+            ],
         )
     # The device's first request should not pay for a password hash the server just made.
     context.authenticator.remember(password_hash, password)

@@ -230,9 +230,15 @@ class Wallet:
         """
         path = Path(folder)
         store = WalletStore.open(path, create=False)
-        if store.account() is None and _names_signal_cli(path):
-            # signal-cli holds this wallet's account: no sidecar, no intermediary.
-            return await cls._open_signal_cli(path, store, load_wallet_config(path))
+        if store.account() is None and (path / CONFIG_NAME).exists():
+            try:
+                config = load_wallet_config(path)
+            except BaseException:
+                store.close()
+                raise
+            if config.channel in SIGNAL_CLI_CHANNELS:
+                # signal-cli holds this wallet's account: no sidecar, no intermediary.
+                return await cls._open_signal_cli(path, store, config)
         bridge = LibsignalBridge(record_source=store)
         try:
             account = store.account()
@@ -378,14 +384,6 @@ def default_jsonrpc_socket() -> Path:
     """Where ``signal-cli daemon --socket`` listens unless told otherwise."""
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
     return Path(runtime) / "signal-cli" / "socket"
-
-
-def _names_signal_cli(folder: Path) -> bool:
-    try:
-        text = (folder / CONFIG_NAME).read_text(encoding="utf-8")
-    except OSError:
-        return False
-    return any(f'"{name}"' in text for name in SIGNAL_CLI_CHANNELS)
 
 
 async def _open_identity(bridge: LibsignalBridge, account: Account, config: WalletConfig) -> None:

@@ -1,0 +1,1 @@
+"""Running signal-cli for the wallet: the daemon launcher and the ``signal-cli`` commands."""
