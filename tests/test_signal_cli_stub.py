@@ -42,8 +42,15 @@ READY = 60.0
 class Stub:
     """A running StubDaemon: send it commands, read what signal-cli asked it to send."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, log: Path) -> None:
         self.process = process
+        self.log = log
+
+    async def receiving(self) -> None:
+        """Wait until signal-cli has added its receive handler (after subscribeReceive)."""
+        async with asyncio.timeout(READY):
+            while "receiver added" not in self.log.read_text():  # noqa: ASYNC110, ASYNC240
+                await asyncio.sleep(0.05)
 
     async def deliver(self, sender: str, timestamp: int, text: str) -> None:
         assert self.process.stdin is not None
@@ -70,6 +77,7 @@ async def stub_daemon(folder: Path, *args: str, bus_address: str = "") -> AsyncI
     assert await asyncio.wait_for(compiler.wait(), 120) == 0, "javac failed on the harness"
     lib = find_signal_cli().resolve().parent.parent / "lib"
     java = find_java_home() / "bin" / "java"
+    log = (folder / "stub.log").open("wb")
     process = await asyncio.create_subprocess_exec(
         "unshare",
         "--net",
@@ -81,18 +89,19 @@ async def stub_daemon(folder: Path, *args: str, bus_address: str = "") -> AsyncI
         *args,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
-        stderr=(folder / "stub.log").open("wb"),
+        stderr=log,
         env={"DBUS_SESSION_BUS_ADDRESS": bus_address, "LANG": "C.UTF-8", "PATH": "/usr/bin:/bin"},
     )
     try:
         assert process.stdout is not None
         ready = await asyncio.wait_for(process.stdout.readline(), READY)
         assert ready == b"ready\n", ready
-        yield Stub(process)
+        yield Stub(process, folder / "stub.log")
     finally:
         if process.returncode is None:
             process.terminate()
         await process.wait()
+        log.close()
 
 
 async def introspect(bus: MessageBus, path: str) -> str:
@@ -121,7 +130,7 @@ async def test_dbus_objects_signals_and_errors_match_signal_cli() -> None:
                 assert await client.list_accounts() == [BOB]
                 texts = client.receive(BOB)
                 first = asyncio.ensure_future(anext(texts))
-                await asyncio.sleep(0.5)  # the subscription is in place
+                await stub.receiving()
                 await stub.deliver(ALICE, 1_700_000_000_001, "hello from alice ✓")
                 received = await asyncio.wait_for(first, 20)
                 assert received == ReceivedText(
@@ -177,6 +186,13 @@ def recording(client: SignalCliJsonRpcClient) -> list[dict[str, Any]]:
     return lines
 
 
+async def subscribed(client: SignalCliJsonRpcClient) -> None:
+    """Wait until signal-cli confirmed the subscription (its first one can take a while)."""
+    async with asyncio.timeout(READY):
+        while not client._subscriptions:  # noqa: ASYNC110 - set by the client's reader
+            await asyncio.sleep(0.02)
+
+
 def shape(value: object) -> object:
     """The keys of nested objects, without the values."""
     if isinstance(value, dict):
@@ -202,13 +218,9 @@ async def test_the_fake_notifications_are_shaped_like_signal_cli() -> None:
             real = recording(client)
             texts = client.receive(BOB)
             first = asyncio.ensure_future(anext(texts))
-            await asyncio.sleep(0.5)
+            await stub.receiving()
             await stub.deliver(ALICE, 1_700_000_000_004, "hi")
-            try:
-                await asyncio.wait_for(first, 20)
-            except TimeoutError:
-                print((folder / "stub.log").read_text()[-3000:], real)
-                raise
+            await asyncio.wait_for(first, 20)
             await client.send_text(BOB, ALICE, "to alice")
             await client.close()
             await texts.aclose()
@@ -222,7 +234,7 @@ async def test_the_fake_notifications_are_shaped_like_signal_cli() -> None:
         fake = recording(client)
         texts = client.receive(BOB)
         first = asyncio.ensure_future(anext(texts))
-        await asyncio.sleep(0.2)
+        await subscribed(client)
         signal.send(ALICE, BOB, "hi")
         await asyncio.wait_for(first, 20)
         await client.send_text(BOB, ALICE, "to alice")
@@ -253,7 +265,7 @@ async def test_jsonrpc_notifications_results_and_errors_match_signal_cli() -> No
             assert await client.list_accounts() == [BOB]
             texts = client.receive(BOB)
             first = asyncio.ensure_future(anext(texts))
-            await asyncio.sleep(0.5)
+            await stub.receiving()
             await stub.deliver("aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa", 1_700_000_000_003, "hi")
             received = await asyncio.wait_for(first, 20)
             assert received.sender == "aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa"

@@ -165,9 +165,11 @@ public final class StubDaemon {
                     return proxy == args[0];
                 case "addReceiveHandler":
                     RECEIVERS.add(args[0]);
+                    System.err.println("stub: receiver added (" + RECEIVERS.size() + ")");
                     return null;
                 case "removeReceiveHandler":
                     RECEIVERS.remove(args[0]);
+                    System.err.println("stub: receiver removed (" + RECEIVERS.size() + ")");
                     return null;
                 case "getConfiguration":
                     return construct("Configuration", Optional.of(false), Optional.of(false),

@@ -777,6 +777,7 @@ class LibsignalBridge:
                 stdout=child_stdout,
                 stderr=asyncio.subprocess.PIPE,
                 cwd=script.parent,
+                limit=_LINE_LIMIT,
             )
         except BaseException as exc:
             os.close(stdin)
