@@ -49,7 +49,7 @@ class Stub:
     async def receiving(self) -> None:
         """Wait until signal-cli has added its receive handler (after subscribeReceive)."""
         async with asyncio.timeout(READY):
-            while "receiver added" not in self.log.read_text():  # noqa: ASYNC110, ASYNC240
+            while "receiver added" not in self.log.read_text():  # noqa: ASYNC110 - a log file
                 await asyncio.sleep(0.05)
 
     async def deliver(self, sender: str, timestamp: int, text: str) -> None:
