@@ -1,9 +1,11 @@
-"""``tigress-signal compare``: both channels complete both transfers in one run, and every
-figure of the report comes from that run."""
+"""``tigress-signal compare``: every channel completes both transfers in one run, and every
+figure of the report comes from that run; the signal-cli row (over the fake Signal service) is
+labelled functional only wherever it appears."""
 
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import statistics
 import subprocess
@@ -15,7 +17,14 @@ import pytest
 
 from compare_fixtures import comparison_run
 from relay_fixtures import running_relay
-from tigress_signal.evaluation.runner import CompareSettings, ComparisonResult, run_comparison
+from tigress_signal.evaluation.report import summary_markdown
+from tigress_signal.evaluation.runner import (
+    SIGNAL_CLI_CAVEAT,
+    CompareSettings,
+    ComparisonResult,
+    _SignalCliChannel,
+    run_comparison,
+)
 from tigress_signal.evaluation.wire import CountingProxy
 
 
@@ -24,10 +33,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[ComparisonResult, Pat
     return comparison_run(tmp_path_factory)
 
 
-def test_both_channels_complete_both_transfers(run):
+def test_every_channel_completes_both_transfers(run):
     result, _ = run
     ran = {c.name: c for c in result.channels if c.status == "run"}
-    assert set(ran) == {"selfhosted", "tigress-relay"}
+    assert set(ran) == {"selfhosted", "tigress-relay", "signal-cli"}
     for channel in ran.values():
         kinds = [t.kind for t in channel.transfers]
         assert kinds.count("stateless") == 2 and kinds.count("stateful") == 1
@@ -36,11 +45,51 @@ def test_both_channels_complete_both_transfers(run):
     assert result.all_completed
 
 
-def test_signal_cli_row_says_it_was_not_run(run):
+def test_signal_cli_rows_ran_and_are_labelled_functional_only(run):
     result, out = run
-    (row,) = [c for c in result.channels if c.name == "signal-cli"]
-    assert row.status == "not run" and row.transfers == []
-    assert "not run" in (out / "report.md").read_text()
+    assert "functional only" in SIGNAL_CLI_CAVEAT and "fake Signal service" in SIGNAL_CLI_CAVEAT
+    (channel,) = [c for c in result.channels if c.name == "signal-cli"]
+    assert channel.status == "run" and channel.caveat == SIGNAL_CLI_CAVEAT
+    kinds = [t.kind for t in channel.transfers]
+    assert kinds.count("stateless") == 2 and kinds.count("stateful") == 1
+    for transfer in channel.transfers:
+        assert transfer.completed and transfer.verified, transfer.error
+        for party in ("sender", "receiver"):
+            # Counted on the wire to the (fake) daemon, not zeros standing in for "unknown".
+            assert transfer.parties[party]["rpc_requests"] + transfer.parties[party]["pushes"]
+            assert transfer.parties[party]["unparsed"] == 0
+
+    data = json.loads((out / "report.json").read_text())
+    rows = [r for r in data["summary"] if r["channel"] == "signal-cli"]
+    assert {r["kind"] for r in rows} == {"stateless", "stateful"}
+    for row in rows:
+        assert row["status"] == "run" and row["caveat"] == SIGNAL_CLI_CAVEAT
+        assert row["completed"] in ("2/2", "1/1")
+    assert data["caveats"] == {"signal-cli": SIGNAL_CLI_CAVEAT}
+    (listed,) = [c for c in data["channels"] if c["name"] == "signal-cli"]
+    assert listed["caveat"] == SIGNAL_CLI_CAVEAT
+    for series in ("signal-cli\u2020 stateless", "signal-cli\u2020 stateful"):
+        # The plots' group labels; each plot prints the caveat under the marked groups.
+        assert data["plot_series"][series] == SIGNAL_CLI_CAVEAT
+    assert SIGNAL_CLI_CAVEAT in (out / "report.md").read_text()
+    assert "| signal-cli \u2020 | stateless | 2/2 |" in (out / "report.md").read_text()
+    assert html.escape(SIGNAL_CLI_CAVEAT) in (out / "report.html").read_text()
+    assert SIGNAL_CLI_CAVEAT in result.summary_text()
+
+
+async def test_signal_cli_row_says_not_run_when_the_fake_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setitem(sys.modules, "tigress_signal.testing.fake_signal_cli", None)
+    channel = _SignalCliChannel(tmp_path, CompareSettings(progress=False))
+    assert not await channel.try_setup()
+    assert channel.run.status == "not run"
+    assert channel.run.note.startswith("not run: ModuleNotFoundError")
+    assert channel.run.transfers == [] and channel.run.setup == {}
+    result = ComparisonResult(CompareSettings(), "now", channels=[channel.run])
+    table = summary_markdown(result)
+    assert "| signal-cli \u2020 | stateless | not run: ModuleNotFoundError" in table
+    assert SIGNAL_CLI_CAVEAT in table
 
 
 def test_report_files_are_written(run):

@@ -163,7 +163,8 @@ async def test_the_html_report_renders_with_its_plots(tmp_path: Path, report_fol
         assert all(complete and width > 100 and height > 100 for complete, width, height in images)
         assert await page.value("document.querySelectorAll('table').length") >= 3
         body = await page.value("document.body.innerText")
-        assert "selfhosted" in body and "tigress-relay" in body and "not run" in body
+        assert "selfhosted" in body and "tigress-relay" in body and "signal-cli" in body
+        assert "functional only" in body
         assert page.errors == []
 
 

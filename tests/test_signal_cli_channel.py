@@ -1,6 +1,7 @@
 """The signal-cli channel's durability and reconnection, and the ``signal-cli`` commands.
 
-Runs over the fake daemon (``fakes.signal_cli``) on a private dbus-daemon and on a socket.
+Runs over the fake daemon (``tigress_signal.testing.fake_signal_cli``) on a private
+dbus-daemon and on a socket.
 """
 
 from __future__ import annotations
@@ -13,13 +14,19 @@ from typing import Literal
 
 import pytest
 
-from fakes.signal_cli import LINK_URI, LINKED, FakeDbusDaemon, FakeJsonRpcDaemon, FakeSignal
 from signal_cli_fixtures import ALICE, BOB, WAIT, private_bus, receiving, short_tmp
 from tigress_signal.adapters.signal_cli import SignalCliChannel
 from tigress_signal.adapters.text_format import encode_parts
 from tigress_signal.bridge.signal_cli_dbus import SignalCliDbusClient
 from tigress_signal.bridge.signal_cli_jsonrpc import SignalCliJsonRpcClient
 from tigress_signal.shares.states import ShareState
+from tigress_signal.testing.fake_signal_cli import (
+    LINK_URI,
+    LINKED,
+    FakeDbusDaemon,
+    FakeJsonRpcDaemon,
+    FakeSignal,
+)
 from tigress_signal.wallet.config import SignalCliSettings
 from tigress_signal.wallet.store import WalletStore
 from tigress_signal.wallet.wallet import Wallet
@@ -253,7 +260,7 @@ _FAKE_SIGNAL_CLI = """#!{python}
 import asyncio, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-from fakes.signal_cli import FakeJsonRpcDaemon, FakeSignal
+from tigress_signal.testing.fake_signal_cli import FakeJsonRpcDaemon, FakeSignal
 
 args = sys.argv[1:]
 assert args[args.index("daemon") + 1 : args.index("daemon") + 3] == ["--receive-mode", "manual"]

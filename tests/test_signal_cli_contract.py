@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from fakes.signal_cli import RECORDED, interface_summary
 from signal_cli_fixtures import private_bus, short_tmp
 from tigress_signal.bridge.signal_cli_dbus import SignalCliDbusClient
 from tigress_signal.bridge.signal_cli_jsonrpc import SignalCliJsonRpcClient
@@ -33,6 +32,7 @@ from tigress_signal.signal_cli.daemon import (
     find_java_home,
     find_signal_cli,
 )
+from tigress_signal.testing.fake_signal_cli import RECORDED, interface_summary
 
 NO_NETWORK = ("unshare", "--net")
 READY = 60.0

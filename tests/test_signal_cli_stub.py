@@ -25,7 +25,6 @@ import pytest
 from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 
-from fakes.signal_cli import FakeDbusDaemon, FakeJsonRpcDaemon, FakeSignal, interface_summary
 from signal_cli_fixtures import ALICE, BOB, private_bus, short_tmp
 from tigress_signal.adapters.text_format import encode_parts, parse_part
 from tigress_signal.bridge.signal_cli_client import ReceivedText
@@ -33,6 +32,12 @@ from tigress_signal.bridge.signal_cli_dbus import SignalCliDbusClient
 from tigress_signal.bridge.signal_cli_jsonrpc import SignalCliJsonRpcClient
 from tigress_signal.errors import SignalCliUnregisteredUser, SignalCliUntrustedIdentity
 from tigress_signal.signal_cli.daemon import find_java_home, find_signal_cli
+from tigress_signal.testing.fake_signal_cli import (
+    FakeDbusDaemon,
+    FakeJsonRpcDaemon,
+    FakeSignal,
+    interface_summary,
+)
 
 HARNESS = Path(__file__).parent / "signal_cli_stub" / "StubDaemon.java"
 ACCOUNT_PATH = f"/org/asamk/Signal/_{BOB[1:]}"

@@ -1,7 +1,8 @@
 """Both transfers end to end over signal-cli, through the fake daemon, over D-Bus and JSON-RPC.
 
 The wallets are real (store, share service, channel chosen by ``wallet.toml``); only signal-cli
-and Signal's servers are played by ``fakes.signal_cli``, on a private dbus-daemon or a socket.
+and Signal's servers are played by ``tigress_signal.testing.fake_signal_cli``, on a private
+dbus-daemon or a socket.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from fakes.signal_cli import FakeDbusDaemon, FakeJsonRpcDaemon, FakeSignal
 from signal_cli_fixtures import ALICE, BOB, WAIT, private_bus, receiving, short_tmp
 from tigress_signal.credentials import ProvisioningInformation, ReferenceLock
 from tigress_signal.errors import UnknownPeer, UntrustedIdentity
 from tigress_signal.shares.service import DigitalKeyTerms
 from tigress_signal.shares.states import ShareState
+from tigress_signal.testing.fake_signal_cli import FakeDbusDaemon, FakeJsonRpcDaemon, FakeSignal
 from tigress_signal.wallet.config import SignalCliSettings
 from tigress_signal.wallet.wallet import Wallet
 

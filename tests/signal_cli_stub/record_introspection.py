@@ -1,8 +1,9 @@
 """Record the introspection XML of every object a D-Bus service exports, one file per path.
 
-Used once to record signal-cli 0.13.19's interfaces into ``tests/fakes/signal_cli_0_13_19/``
-(the control object from the real daemon, the account objects from ``StubDaemon``), and by the
-tests to read the same tree back from the fake and from signal-cli's own classes::
+Used once to record signal-cli 0.13.19's interfaces into
+``src/tigress_signal/testing/signal_cli_0_13_19/`` (the control object from the real daemon, the
+account objects from ``StubDaemon``), and by the tests to read the same tree back from the fake
+and from signal-cli's own classes::
 
     DBUS_SESSION_BUS_ADDRESS=unix:path=... python record_introspection.py org.asamk.Signal OUTDIR
 """

@@ -23,29 +23,42 @@ _RECEIVER_COLOUR = "#d9822b"
 
 
 def draw_plots(series: Mapping[str, Any], folder: Path) -> list[Path]:
-    """Draw the three plots into ``folder``; returns their paths (none when nothing ran)."""
+    """Draw the three plots into ``folder``; returns their paths (none when nothing ran).
+
+    Each entry of ``series`` may carry a ``caveat``; every plot then prints it.
+    """
     if not series:
         return []
     labels = list(series)
+    # A channel whose figures carry a caveat has it printed under every plot (its label is
+    # marked with the same sign as in the tables).
+    caveats = list(dict.fromkeys(series[k]["caveat"] for k in labels if series[k].get("caveat")))
+    note = "\n".join(f"\u2020 {c}" for c in caveats)
     paths = [
-        _time_plot(labels, [series[k]["ms"] for k in labels], folder / "time_per_transfer.png"),
+        _time_plot(
+            labels, [series[k]["ms"] for k in labels], folder / "time_per_transfer.png", note
+        ),
         _pair_plot(
             labels,
             [series[k]["bytes"] for k in labels],
             "bytes per transfer (sent + received, incl. headers)",
             folder / "bytes_per_transfer.png",
+            note,
         ),
         _pair_plot(
             labels,
             [series[k]["round_trips"] for k in labels],
-            "round trips per transfer (TCP set-ups + HTTP requests)",
+            "round trips per transfer (connection set-ups + HTTP or JSON-RPC requests)",
             folder / "round_trips_per_transfer.png",
+            note,
         ),
     ]
     return paths
 
 
-def _time_plot(labels: Sequence[str], values: Sequence[Sequence[float]], path: Path) -> Path:
+def _time_plot(
+    labels: Sequence[str], values: Sequence[Sequence[float]], path: Path, note: str
+) -> Path:
     figure, axes = plt.subplots(figsize=(8, 4.2), dpi=100)
     positions = range(len(labels))
     medians = [statistics.median(v) if v else 0.0 for v in values]
@@ -57,9 +70,7 @@ def _time_plot(labels: Sequence[str], values: Sequence[Sequence[float]], path: P
     axes.set_title("time per transfer (each dot one transfer)")
     axes.legend(loc="upper left")
     axes.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    _finish(figure, path, note)
     return path
 
 
@@ -68,6 +79,7 @@ def _pair_plot(
     values: Sequence[Mapping[str, Sequence[float]]],
     title: str,
     path: Path,
+    note: str,
 ) -> Path:
     figure, axes = plt.subplots(figsize=(8, 4.2), dpi=100)
     width = 0.38
@@ -90,7 +102,16 @@ def _pair_plot(
     axes.set_title(title)
     axes.legend(loc="upper left")
     axes.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
+    _finish(figure, path, note)
+    return path
+
+
+def _finish(figure: Any, path: Path, note: str) -> None:
+    """Lay the figure out, print ``note`` under it, save it and free it."""
+    lines = note.count("\n") + 1 if note else 0
+    bottom = min(0.04 * lines + 0.01, 0.3)
+    figure.tight_layout(rect=(0, bottom, 1, 1))
+    if note:
+        figure.text(0.01, 0.01, note, fontsize=7.5, color="#8a1c1c", va="bottom", ha="left")
     figure.savefig(path)
     plt.close(figure)
-    return path

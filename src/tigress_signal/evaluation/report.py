@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REPORT_TITLE = "Tigress-Signal: self-hosted Signal channel and Tigress relay, side by side"
+#: Marks a channel whose figures carry a caveat; the caveat is printed with the mark.
+CAVEAT_MARK = "\u2020"
 _KINDS = ("stateless", "stateful")
 
 
@@ -66,7 +68,14 @@ def summary_rows(result: ComparisonResult) -> list[dict[str, Any]]:
         for kind in _KINDS:
             transfers = [t for t in channel.transfers if t.kind == kind]
             if channel.status != "run":
-                rows.append({"channel": channel.name, "kind": kind, "status": channel.note})
+                rows.append(
+                    {
+                        "channel": channel.name,
+                        "kind": kind,
+                        "status": channel.note,
+                        "caveat": channel.caveat,
+                    }
+                )
                 continue
             if not transfers:
                 continue
@@ -75,6 +84,7 @@ def summary_rows(result: ComparisonResult) -> list[dict[str, Any]]:
                 "channel": channel.name,
                 "kind": kind,
                 "status": "run",
+                "caveat": channel.caveat,
                 "completed": f"{len(done)}/{len(transfers)}",
                 "median_ms": _median([t.total_ms for t in done]),
             }
@@ -84,7 +94,7 @@ def summary_rows(result: ComparisonResult) -> list[dict[str, Any]]:
                         [t.parties.get(party, {}).get(measure, 0) for t in done]
                     )
                 row[f"{party}_pushes"] = _mean(
-                    [t.parties.get(party, {}).get("ws_frames_received", 0) for t in done]
+                    [t.parties.get(party, {}).get("pushes", 0) for t in done]
                 )
             rows.append(row)
     return rows
@@ -105,7 +115,9 @@ def plot_data(result: ComparisonResult) -> dict[str, Any]:
             done = [t for t in channel.transfers if t.kind == kind and t.completed]
             if not done:
                 continue
-            series[f"{channel.name} {kind}"] = {
+            mark = CAVEAT_MARK if channel.caveat else ""
+            series[f"{channel.name}{mark} {kind}"] = {
+                "caveat": channel.caveat,
                 "ms": [t.total_ms for t in done],
                 "bytes": {
                     p: [t.parties[p]["bytes_sent"] + t.parties[p]["bytes_received"] for t in done]
@@ -132,6 +144,7 @@ def report_data(result: ComparisonResult, plot_names: Sequence[str]) -> dict[str
         },
         "environment": result.environment,
         "method": METHOD,
+        "caveats": {c.name: c.caveat for c in result.channels if c.caveat},
         "summary": summary_rows(result),
         "channels": [_channel_data(c) for c in result.channels],
         "stored": {name: f.as_dict() for name, f in result.findings.items()},
@@ -139,6 +152,7 @@ def report_data(result: ComparisonResult, plot_names: Sequence[str]) -> dict[str
         "checks": result.checks,
         "properties": properties(result),
         "plots": list(plot_names),
+        "plot_series": {label: s["caveat"] for label, s in plot_data(result).items()},
     }
 
 
@@ -154,7 +168,12 @@ METHOD = (
     "also sets up their libsignal sessions (prekey bundles, PQXDH); later ones reuse them. Every "
     "relay transfer uses a new mailbox, secret and pair of device claims. Relay reads wait at "
     "the relay for news (the relay has no push service), so a pending read is counted when it "
-    "is sent."
+    "is sent. The signal-cli channel ran against the package's fake signal-cli daemon and fake "
+    "Signal service in the comparing process: each wallet's JSON-RPC traffic with that daemon "
+    "went through its own counting proxy on a UNIX socket (a round trip is a JSON-RPC request "
+    "answered, a push a notification the daemon sent); nothing went to Signal, and the fake "
+    "adds up to 20 ms of jitter to each answer, so those figures are functional only and no "
+    "server storage was measured for it."
 )
 
 
@@ -164,6 +183,7 @@ def _channel_data(channel: ChannelRun) -> dict[str, Any]:
         "description": channel.description,
         "status": channel.status,
         "note": channel.note,
+        "caveat": channel.caveat,
         "setup": channel.setup,
         "stats": channel.stats,
         "transfers": [
@@ -338,7 +358,8 @@ def markdown(data: dict[str, Any]) -> str:
         _summary_table(data["summary"]),
         "",
         "Times are medians of completed transfers; other figures are means per transfer. "
-        "Round trips: TCP set-ups plus HTTP requests. Pushes: WebSocket frames the server sent.",
+        "Round trips: connection set-ups plus HTTP or JSON-RPC requests. Pushes: WebSocket "
+        "frames or JSON-RPC notifications the server sent.",
         "",
         "## Properties",
         "",
@@ -366,6 +387,8 @@ def markdown(data: dict[str, Any]) -> str:
     for channel in data["channels"]:
         status = channel["note"] or channel["status"]
         lines.append(f"- **{channel['name']}**: {channel['description']}. {status}")
+        if channel["caveat"]:
+            lines.append(f"  - **{channel['caveat']}**")
         failed = [t for t in channel["transfers"] if not (t["completed"] and t["verified"])]
         for transfer in failed:
             lines.append(
@@ -410,17 +433,28 @@ def _summary_table(rows: Sequence[dict[str, Any]]) -> str:
     )
     lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        channel = _marked(row)
         if row.get("status") != "run":
-            lines.append(f"| {row['channel']} | {row['kind']} | {row['status']} | | | | | | |")
+            lines.append(f"| {channel} | {row['kind']} | {row['status']} | | | | | | |")
             continue
         lines.append(
-            f"| {row['channel']} | {row['kind']} | {row['completed']} | {row['median_ms']:.1f} "
+            f"| {channel} | {row['kind']} | {row['completed']} | {row['median_ms']:.1f} "
             f"| {row['sender_round_trips']:.1f} | {row['receiver_round_trips']:.1f} "
             f"| {row['sender_bytes_sent']:.0f}/{row['sender_bytes_received']:.0f} "
             f"| {row['receiver_bytes_sent']:.0f}/{row['receiver_bytes_received']:.0f} "
             f"| {row['sender_pushes']:.1f}/{row['receiver_pushes']:.1f} |"
         )
-    return "\n".join(lines)
+    lines += ["", *(f"{CAVEAT_MARK} {caveat}" for caveat in _caveats(rows))]
+    return "\n".join(lines).rstrip("\n")
+
+
+def _marked(row: dict[str, Any]) -> str:
+    """The channel's name, marked when its figures carry a caveat."""
+    return f"{row['channel']} {CAVEAT_MARK}" if row.get("caveat") else str(row["channel"])
+
+
+def _caveats(rows: Sequence[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(str(r["caveat"]) for r in rows if r.get("caveat")))
 
 
 _STEP_HEADER = [
@@ -521,6 +555,10 @@ def html_page(data: dict[str, Any], folder: Path) -> str:
             ],
             [_summary_cells(r) for r in data["summary"]],
         ),
+        *(
+            f"<p><strong>{CAVEAT_MARK} {e(caveat)}</strong></p>"
+            for caveat in _caveats(data["summary"])
+        ),
         "<h2>Properties</h2>",
         _html_table(
             ["property", "self-hosted", "evidence", "Tigress relay", "evidence"],
@@ -560,9 +598,9 @@ def html_page(data: dict[str, Any], folder: Path) -> str:
 
 def _summary_cells(row: dict[str, Any]) -> list[str]:
     if row.get("status") != "run":
-        return [row["channel"], row["kind"], row["status"], "", "", "", "", ""]
+        return [_marked(row), row["kind"], row["status"], "", "", "", "", ""]
     return [
-        row["channel"],
+        _marked(row),
         row["kind"],
         row["completed"],
         f"{row['median_ms']:.1f}",

@@ -10,8 +10,10 @@ it runs the stateless and then the stateful transfer through each channel in tur
 * ``tigress-relay``: two wallets with a
   :class:`~tigress_signal.adapters.tigress_relay.TigressRelayChannel` (drafted or hardened
   mode), one mailbox per share, the link handed over in memory as the out-of-band channel;
-* ``signal-cli``: a row that says it was not run until signal-cli over the fake Signal
-  service exists (see :func:`_signal_cli_channel`).
+* ``signal-cli``: two wallets with the signal-cli channel over JSON-RPC, talking to the fake
+  signal-cli daemon and fake Signal service of :mod:`tigress_signal.testing.fake_signal_cli`
+  in this process (see :class:`_SignalCliChannel`). Its figures are functional only
+  (:data:`SIGNAL_CLI_CAVEAT`); if the fake cannot run, the row says "not run" and why.
 
 Each step is timed and its traffic counted per party; each transfer ends with a check that the
 credential arrived intact (the token verifies, the lock opens). After the run, the servers'
@@ -26,6 +28,7 @@ import contextlib
 import logging
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -48,17 +51,28 @@ from tigress_signal.credentials import ReferenceLock, verify_access_token
 from tigress_signal.errors import PayloadRejected, TigressSignalError
 from tigress_signal.evaluation import inspection
 from tigress_signal.evaluation.parties import RelayParty, start_receiving, stop_receiving
-from tigress_signal.evaluation.wire import CountingProxy, WireCounts
+from tigress_signal.evaluation.wire import CountingProxy, JsonRpcCountingProxy, WireCounts
 from tigress_signal.relay.client import ShareLink
 from tigress_signal.relay.entities import Payload
 from tigress_signal.shares.service import DigitalKeyTerms, ShareService
 from tigress_signal.shares.states import ShareState
+from tigress_signal.wallet.config import SignalCliSettings
 from tigress_signal.wallet.wallet import Wallet
 
 log = logging.getLogger(__name__)
 
 PARTIES = ("sender", "receiver")
 _SERVER_START_TIMEOUT = 30.0
+
+#: The label every output of the signal-cli row carries.
+SIGNAL_CLI_CAVEAT = (
+    "signal-cli over a fake Signal service — functional only: its timings and bytes say "
+    "nothing about Signal's real servers"
+)
+#: The fake's accounts (numbers reserved for fiction).
+_SIGNAL_CLI_ACCOUNTS = ("+15555550100", "+15555550123")
+#: UNIX socket paths must stay under 108 bytes.
+_MAX_SOCKET_PATH = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +145,7 @@ class ChannelRun:
         description: one line on what it is.
         status: ``run`` or ``not run``.
         note: why it was not run, or remarks.
+        caveat: what its figures do not say, shown with every figure of the channel.
         setup: per party, what registering or preparing cost (``ms`` and traffic).
         transfers: its transfers.
         stats: channel counters (relay: payloads rejected, overwritten ...).
@@ -140,6 +155,7 @@ class ChannelRun:
     description: str
     status: str = "run"
     note: str = ""
+    caveat: str = ""
     setup: dict[str, dict[str, float]] = field(default_factory=dict)
     transfers: list[TransferRecord] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
@@ -209,17 +225,19 @@ async def run_comparison(settings: CompareSettings) -> ComparisonResult:
                 inspection.install_audit(db, tables)
             selfhosted = _SelfHostedChannel(folder, intermediary_url, settings)
             relay = _RelayChannel(folder, relay_url, settings)
+            signal_cli = _SignalCliChannel(folder, settings)
             drivers: list[_Channel] = [selfhosted, relay]
-            signal_cli = _signal_cli_channel()
             try:
                 for driver in drivers:
                     await driver.setup()
+                if await signal_cli.try_setup():
+                    drivers.append(signal_cli)
                 await _run_transfers(settings, drivers)
             finally:
-                for driver in drivers:
+                for driver in (*drivers, signal_cli):
                     with contextlib.suppress(Exception):
                         await driver.close()
-            result.channels = [d.run for d in drivers] + [signal_cli]
+            result.channels = [selfhosted.run, relay.run, signal_cli.run]
         # The servers have stopped: their databases are complete and quiet.
         windows = {
             t.transfer_id: t.window_ms for d in drivers for t in d.run.transfers if t.window_ms[1]
@@ -392,19 +410,115 @@ class _RelayChannel(_Channel):
             await proxy.stop()
 
 
-def _signal_cli_channel() -> ChannelRun:
-    """The signal-cli row.
+class _SignalCliChannel(_Channel):
+    """Two wallets with the signal-cli channel, over the package's fake signal-cli and Signal.
 
-    Hook: once signal-cli over the fake Signal service exists, a ``_Channel`` for it goes into
-    the ``drivers`` list of :func:`run_comparison`; its figures are functional only (the fake
-    service is not Signal's). Until then the report says so instead of showing numbers.
+    The fake (:mod:`tigress_signal.testing.fake_signal_cli`) runs in this process: a JSON-RPC
+    daemon in manual receive mode on a UNIX socket in a temporary folder, and a fake Signal
+    service that routes texts between two fake accounts in memory. Each wallet reaches the
+    daemon through its own :class:`JsonRpcCountingProxy`, so what is counted is the wallet's
+    JSON-RPC traffic with signal-cli; nothing goes to Signal, and the fake adds its own answer
+    jitter. Its figures are therefore functional only (:data:`SIGNAL_CLI_CAVEAT`).
     """
-    return ChannelRun(
-        name="signal-cli",
-        description="signal-cli over a fake Signal service (functional only)",
-        status="not run",
-        note="not run: signal-cli over the fake Signal service is not available yet",
-    )
+
+    def __init__(self, folder: Path, settings: CompareSettings) -> None:
+        self._folder = folder / "signal-cli"
+        self._settings = settings
+        self.run = ChannelRun(
+            name="signal-cli",
+            description=(
+                "signal-cli channel over JSON-RPC to the package's fake signal-cli 0.13.19 "
+                "daemon and fake Signal service (in this process, UNIX sockets, texts routed "
+                "in memory; the wallet's bytes to signal-cli are counted, not signal-cli's "
+                "to any server)"
+            ),
+            caveat=SIGNAL_CLI_CAVEAT,
+        )
+        self.proxies = {}  # no HTTP here; see rpc_proxies
+        self.rpc_proxies: dict[str, JsonRpcCountingProxy] = {}
+        self._sockets: Path | None = None
+        self._daemon: Any = None
+        self._wallets: dict[str, Wallet] = {}
+        self._loops: list[asyncio.Task[None]] = []
+
+    async def try_setup(self) -> bool:
+        """Set up; on failure, clean up and mark the row "not run" with the reason."""
+        try:
+            await self.setup()
+        except (ImportError, OSError, TigressSignalError, TimeoutError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            log.warning("signal-cli channel not run: %s", reason)
+            await self.close()
+            self.run.status = "not run"
+            self.run.note = f"not run: {reason}"
+            self.run.setup = {}
+            return False
+        return True
+
+    async def setup(self) -> None:
+        from tigress_signal.testing.fake_signal_cli import FakeJsonRpcDaemon, FakeSignal
+
+        # A short folder of its own: the report's temporary folder may be too deep for a
+        # UNIX socket path.
+        self._sockets = Path(tempfile.mkdtemp(prefix="tsig-cmp-"))
+        daemon_socket = self._sockets / "signal-cli.sock"
+        if len(str(self._sockets / "receiver.sock")) > _MAX_SOCKET_PATH:
+            raise OSError(f"socket paths under {self._sockets} are too long for UNIX sockets")
+        signal = FakeSignal()
+        for number in _SIGNAL_CLI_ACCOUNTS:
+            signal.register(number)
+        self._daemon = FakeJsonRpcDaemon(
+            signal, list(_SIGNAL_CLI_ACCOUNTS), socket_path=daemon_socket
+        )
+        await self._daemon.start()
+        for party, name, number in zip(
+            PARTIES, ("alice", "bob"), _SIGNAL_CLI_ACCOUNTS, strict=True
+        ):
+            proxy = JsonRpcCountingProxy(self._sockets / f"{party}.sock", daemon_socket)
+            await proxy.start()
+            self.rpc_proxies[party] = proxy
+            started = time.perf_counter()
+            wallet = await asyncio.wait_for(
+                Wallet.create_signal_cli(
+                    self._folder / name,
+                    SignalCliSettings(account=number, socket=proxy.path, call_timeout=30.0),
+                    transport="jsonrpc",
+                ),
+                self._settings.step_timeout,
+            )
+            self._wallets[party] = wallet
+            self.run.setup[party] = {
+                "ms": (time.perf_counter() - started) * 1000,
+                **proxy.counts.as_dict(),
+            }
+        for party in PARTIES:
+            wallet = self._wallets[party]
+            self._loops.append(start_receiving(wallet.shares, wallet.channel.name))
+        self.sender_shares = self._wallets["sender"].shares
+        self.receiver_shares = self._wallets["receiver"].shares
+
+    def receiver_peer(self) -> str:
+        return self._wallets["receiver"].account_id
+
+    def counts(self) -> dict[str, WireCounts]:
+        return {party: proxy.counts.copy() for party, proxy in self.rpc_proxies.items()}
+
+    async def close(self) -> None:
+        for wallet, loop in zip(self._wallets.values(), self._loops, strict=False):
+            await stop_receiving(wallet.channel, loop)
+        self._loops = []
+        for wallet in self._wallets.values():
+            with contextlib.suppress(Exception):
+                await wallet.aclose()
+        self._wallets = {}
+        for proxy in self.rpc_proxies.values():
+            await proxy.stop()
+        if self._daemon is not None:
+            await self._daemon.stop()
+            self._daemon = None
+        if self._sockets is not None:
+            shutil.rmtree(self._sockets, ignore_errors=True)
+            self._sockets = None
 
 
 def vars_of(stats: object) -> dict[str, int]:
@@ -446,7 +560,7 @@ async def _transfer(driver: _Channel, kind: str, number: int, timeout: float) ->
         ms = (time.perf_counter() - started) * 1000
         after = driver.counts()
         record.steps.append(
-            StepRecord(name, ms, {p: after[p].minus(before[p]).as_dict() for p in driver.proxies})
+            StepRecord(name, ms, {p: after[p].minus(before[p]).as_dict() for p in after})
         )
         return value
 
@@ -483,7 +597,7 @@ async def _transfer(driver: _Channel, kind: str, number: int, timeout: float) ->
     record.window_ms = (start_ms, end_ms)
     record.total_ms = sum(s.ms for s in record.steps)
     after_all = driver.counts()
-    record.parties = {p: after_all[p].minus(before_all[p]).as_dict() for p in driver.proxies}
+    record.parties = {p: after_all[p].minus(before_all[p]).as_dict() for p in after_all}
     return record
 
 

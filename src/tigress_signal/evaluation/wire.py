@@ -9,14 +9,20 @@ count requests and to notice a WebSocket upgrade, then counts WebSocket frames; 
 cannot follow a stream it keeps counting bytes and says so (``unparsed``).
 
 It listens on 127.0.0.1 only and forwards only to the one loopback address it was given.
+
+:class:`JsonRpcCountingProxy` does the same for newline-delimited JSON-RPC (signal-cli's
+``daemon --socket``) between two UNIX sockets: it counts connections, bytes, requests that wait
+for an answer, and notifications the daemon pushes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from dataclasses import dataclass, fields
+from pathlib import Path
 from types import TracebackType
 
 log = logging.getLogger(__name__)
@@ -37,6 +43,8 @@ class WireCounts:
         http_requests: HTTP requests (each waits for its answer: one round trip).
         ws_frames_sent: WebSocket frames from the party (acknowledgements; no waiting).
         ws_frames_received: WebSocket frames from the server (pushed messages).
+        rpc_requests: JSON-RPC requests with an id (each waits for its answer: one round trip).
+        rpc_notifications_received: JSON-RPC notifications from the server (pushed messages).
         unparsed: streams the proxy could not follow (counted in bytes only).
     """
 
@@ -46,12 +54,20 @@ class WireCounts:
     http_requests: int = 0
     ws_frames_sent: int = 0
     ws_frames_received: int = 0
+    rpc_requests: int = 0
+    rpc_notifications_received: int = 0
     unparsed: int = 0
 
     @property
     def round_trips(self) -> int:
-        """Times the party waited for the server: TCP set-ups plus HTTP exchanges."""
-        return self.connections + self.http_requests
+        """Times the party waited for the server: connection set-ups plus HTTP or JSON-RPC
+        exchanges."""
+        return self.connections + self.http_requests + self.rpc_requests
+
+    @property
+    def pushes(self) -> int:
+        """Messages the server sent unasked: WebSocket frames or JSON-RPC notifications."""
+        return self.ws_frames_received + self.rpc_notifications_received
 
     def copy(self) -> WireCounts:
         """A snapshot."""
@@ -67,6 +83,7 @@ class WireCounts:
         """Plain numbers for the report, round trips included."""
         values = {f.name: int(getattr(self, f.name)) for f in fields(self)}
         values["round_trips"] = self.round_trips
+        values["pushes"] = self.pushes
         return values
 
 
@@ -296,3 +313,106 @@ class _Direction:
         self.skip = offset + length - taken
         del self.buffer[:taken]
         return bool(self.buffer) and self.skip == 0
+
+
+class JsonRpcCountingProxy:
+    """Forwards one UNIX socket to another and counts the JSON-RPC lines that pass.
+
+    Args:
+        listen_path: the socket the party connects to (created; removed on stop).
+        target_path: the daemon's socket.
+    """
+
+    def __init__(self, listen_path: Path, target_path: Path) -> None:
+        self.path = listen_path
+        self._target = target_path
+        self.counts = WireCounts()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._streams: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        """Listen on :attr:`path`."""
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+
+    async def stop(self) -> None:
+        """Stop listening, cut the open connections and remove the socket file."""
+        if self._server is not None:
+            self._server.close()
+        for stream in list(self._streams):
+            stream.close()
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=5)
+            for task in pending:
+                task.cancel()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            self._server = None
+        self.path.unlink(missing_ok=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_unix_connection(
+                str(self._target)
+            )
+        except OSError:
+            writer.close()
+            return
+        self.counts.connections += 1
+        self._streams.update((writer, upstream_writer))
+        try:
+            await asyncio.gather(
+                self._pump(reader, upstream_writer, from_client=True),
+                self._pump(upstream_reader, writer, from_client=False),
+            )
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            for stream in (writer, upstream_writer):
+                stream.close()
+                self._streams.discard(stream)
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _pump(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, from_client: bool
+    ) -> None:
+        pending = bytearray()
+        try:
+            while True:
+                data = await source.read(_CHUNK)
+                if not data:
+                    break
+                if from_client:
+                    self.counts.bytes_sent += len(data)
+                else:
+                    self.counts.bytes_received += len(data)
+                pending.extend(data)
+                while (end := pending.find(b"\n")) >= 0:
+                    self._count(bytes(pending[:end]), from_client=from_client)
+                    del pending[: end + 1]
+                sink.write(data)
+                await sink.drain()
+        finally:
+            with contextlib.suppress(OSError, RuntimeError):
+                if sink.can_write_eof():
+                    sink.write_eof()
+
+    def _count(self, line: bytes, *, from_client: bool) -> None:
+        if not line.strip():
+            return
+        try:
+            message = json.loads(line)
+        except ValueError:
+            self.counts.unparsed += 1
+            return
+        if not isinstance(message, dict):
+            self.counts.unparsed += 1
+        elif from_client and "method" in message and "id" in message:
+            self.counts.rpc_requests += 1
+        elif not from_client and "method" in message and "id" not in message:
+            self.counts.rpc_notifications_received += 1
