@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from intermediary_fixtures import POSTGRES
 from tigress_signal.errors import ConfigError, StoreError, StoreUnavailable
 from tigress_signal.storage import (
     Connection,
@@ -243,3 +244,21 @@ def test_migrations_must_be_numbered_from_one_without_gaps():
         Schema("x", [Migration(1, "a", noop), Migration(3, "c", noop)])
     with pytest.raises(ValueError, match=r"1\.\.n"):
         Schema("x", [Migration(2, "b", noop)])
+
+
+async def test_servers_starting_together_on_a_new_postgresql_database_all_upgrade(tmp_path):
+    # Several server processes may start at the same moment against an empty database; the
+    # first transaction (creating the version table) and each migration must take turns.
+    url = await POSTGRES.new_database()
+    schema = _schema("CREATE TABLE a (x INTEGER)", "CREATE TABLE b (x INTEGER)")
+    databases = [await Database.open(url) for _ in range(4)]
+    try:
+        versions = await asyncio.gather(*(upgrade(db, schema) for db in databases))
+        assert versions == [2, 2, 2, 2]
+        rows = await databases[0].fetch(
+            "SELECT version FROM schema_version WHERE component = $1", "widgets"
+        )
+        assert sorted(r["version"] for r in rows) == [1, 2]
+    finally:
+        for db in databases:
+            await db.close()

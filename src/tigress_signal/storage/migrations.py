@@ -98,6 +98,11 @@ async def upgrade(db: Database, schema: Schema) -> int:
             written by a newer program that knows migrations this one does not.
     """
     async with db.transaction() as conn:
+        if conn.dialect == "postgresql":
+            # CREATE TABLE IF NOT EXISTS is not safe against itself in PostgreSQL: two
+            # processes creating the table at once can both pass the check and one then fails
+            # on the catalogue's unique index. The lock makes them take turns.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('schema_version'))")
         await conn.execute(_VERSION_TABLE)
         current = await _current_version(conn, schema.component)
     _refuse_newer(schema, current)
