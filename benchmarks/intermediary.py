@@ -90,7 +90,8 @@ def _serve_main(kind: str, port: int, database_url: str) -> None:
     from starlette.routing import Route
 
     from tigress_signal.intermediary.config import IntermediaryConfig
-    from tigress_signal.intermediary.server import _Server, _uvicorn_config, listen, serve
+    from tigress_signal.intermediary.server import _uvicorn_config, serve
+    from tigress_signal.serving import QuietServer, listen
 
     logging.basicConfig(level=logging.WARNING)
     config = IntermediaryConfig(
@@ -114,7 +115,7 @@ def _serve_main(kind: str, port: int, database_url: str) -> None:
     app = Starlette(routes=[Route("/echo", echo, methods=["PUT"])])
 
     async def run() -> None:
-        server = _Server(_uvicorn_config(app, config))
+        server = QuietServer(_uvicorn_config(app, config))
         await server.serve(sockets=[listen("127.0.0.1", port)])
 
     asyncio.run(run())

@@ -10,20 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import signal
 import socket
-from collections.abc import Iterator
 from types import TracebackType
 
 import uvicorn
 from starlette.applications import Starlette
 
-from tigress_signal.errors import ConfigError, TigressSignalError
+from tigress_signal.errors import TigressSignalError
 from tigress_signal.intermediary.app import begin_draining, create_app
 from tigress_signal.intermediary.config import IntermediaryConfig
 from tigress_signal.intermediary.signatures import SignatureVerifier
+from tigress_signal.serving import (
+    QuietServer,
+    is_loopback,
+    listen,
+    run_server,
+    startup_error,
+    url_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +52,8 @@ async def serve(config: IntermediaryConfig, *, verifier: SignatureVerifier | Non
         TigressSignalError: the server could not start (database, sidecar).
     """
     app = create_app(config, verifier=verifier)
-    sock = listen(config.host, config.port)
-    server = _Server(_uvicorn_config(app, config))
+    sock = _listen(config)
+    server = QuietServer(_uvicorn_config(app, config))
     loop = asyncio.get_running_loop()
     handled: list[signal.Signals] = []
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -56,15 +62,15 @@ async def serve(config: IntermediaryConfig, *, verifier: SignatureVerifier | Non
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signum, _request_exit, server, app, signum)
             handled.append(signum)
-    logger.info("listening on %s", _url_of(sock))
+    logger.info("listening on %s", url_of(sock))
     try:
-        await _run_server(server, sock)
+        await run_server(server, sock)
     finally:
         for signum in handled:
             loop.remove_signal_handler(signum)
         sock.close()
     if not server.started:
-        raise _startup_error(app)
+        raise startup_error(app, "intermediary")
 
 
 def run(config: IntermediaryConfig) -> None:
@@ -102,11 +108,11 @@ class IntermediaryServer:
             ConfigError: the address cannot be listened on.
             TigressSignalError: the server could not start.
         """
-        self._socket = listen(self.config.host, self.config.port)
-        self.url = _url_of(self._socket)
-        self._server = _Server(_uvicorn_config(self.app, self.config))
+        self._socket = _listen(self.config)
+        self.url = url_of(self._socket)
+        self._server = QuietServer(_uvicorn_config(self.app, self.config))
         self._task = asyncio.create_task(
-            _run_server(self._server, self._socket), name="intermediary-server"
+            run_server(self._server, self._socket), name="intermediary-server"
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _START_TIMEOUT
@@ -114,7 +120,7 @@ class IntermediaryServer:
             if self._task.done():
                 await self._task  # re-raises a crash
                 self._socket.close()
-                raise _startup_error(self.app)
+                raise startup_error(self.app, "intermediary")
             if loop.time() > deadline:
                 await self.stop()
                 raise TigressSignalError("the intermediary did not start in time")
@@ -146,66 +152,12 @@ class IntermediaryServer:
         await self.stop()
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server without its own signal handling.
-
-    uvicorn swaps the process's signal handlers while it serves and raises the caught signal
-    again when it stops, which turns a requested stop into a KeyboardInterrupt for the
-    caller. :func:`serve` installs its own handlers instead, and an embedded server leaves the
-    process's handlers alone.
-    """
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-async def _run_server(server: uvicorn.Server, sock: socket.socket) -> None:
-    """Serve on ``sock`` until told to stop; returns early when the start failed."""
-    try:
-        await server.serve(sockets=[sock])
-    except SystemExit:
-        # uvicorn ends the process when the app's start-up fails; we report the cause,
-        # kept by the app's lifespan, to our caller instead.
-        if server.started:
-            raise
-
-
 def _request_exit(server: uvicorn.Server, app: Starlette, signum: signal.Signals) -> None:
     logger.info("received %s; finishing requests in flight, then stopping", signum.name)
     begin_draining(app)
     if server.should_exit:
         server.force_exit = True  # a second signal: stop waiting for connections
     server.should_exit = True
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (port 0: a free one).
-
-    Raises:
-        ConfigError: the address is unknown or the port is taken.
-    """
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, address = infos[0]
-        sock = socket.socket(family, kind, proto)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(
-            f"cannot listen on {host}:{port}: {exc.strerror or exc}",
-            hint="choose another port, or stop the process using it",
-        ) from exc
-    if not ipaddress.ip_address(str(address[0]).partition("%")[0]).is_loopback:
-        # Device passwords travel in every request; beyond this machine they need TLS.
-        logger.warning(
-            "listening on %s, not a loopback address: serve it behind a TLS proxy", host
-        )
-    return sock
 
 
 def _uvicorn_config(app: Starlette, config: IntermediaryConfig) -> uvicorn.Config:
@@ -227,14 +179,11 @@ def _uvicorn_config(app: Starlette, config: IntermediaryConfig) -> uvicorn.Confi
     )
 
 
-def _url_of(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}"
-
-
-def _startup_error(app: Starlette) -> BaseException:
-    error = getattr(app.state, "startup_error", None)
-    if isinstance(error, BaseException):
-        return error
-    return TigressSignalError("the intermediary did not start; see the log above")
+def _listen(config: IntermediaryConfig) -> socket.socket:
+    sock = listen(config.host, config.port)
+    if not is_loopback(sock):
+        # Device passwords travel in every request; beyond this machine they need TLS.
+        logger.warning(
+            "listening on %s, not a loopback address: serve it behind a TLS proxy", config.host
+        )
+    return sock

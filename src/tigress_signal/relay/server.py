@@ -9,21 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import TracebackType
 
 import uvicorn
 from starlette.applications import Starlette
 
-from tigress_signal.errors import ConfigError, TigressSignalError
+from tigress_signal.errors import TigressSignalError
 from tigress_signal.relay.app import create_app
 from tigress_signal.relay.config import RelayConfig
 from tigress_signal.relay.context import RelayContext
+from tigress_signal.serving import (
+    QuietServer,
+    is_loopback,
+    listen,
+    run_server,
+    startup_error,
+    url_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +46,8 @@ async def serve(config: RelayConfig) -> None:
         TigressSignalError: the relay could not start (its database).
     """
     app = create_app(config)
-    sock = listen(config.host, config.port)
-    server = _Server(_uvicorn_config(app, config))
+    sock = _listen(config)
+    server = QuietServer(_uvicorn_config(app, config))
     loop = asyncio.get_running_loop()
     handled: list[signal.Signals] = []
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -50,13 +57,13 @@ async def serve(config: RelayConfig) -> None:
             handled.append(signum)
     logger.info("relay listening on %s", url_of(sock, tls=config.tls))
     try:
-        await _run_server(server, sock)
+        await run_server(server, sock)
     finally:
         for signum in handled:
             loop.remove_signal_handler(signum)
         sock.close()
     if not server.started:
-        raise _startup_error(app)
+        raise startup_error(app, "relay")
 
 
 class RelayServer:
@@ -95,11 +102,11 @@ class RelayServer:
             ConfigError: the address cannot be listened on.
             TigressSignalError: the relay could not start.
         """
-        self._socket = listen(self.config.host, self.config.port)
+        self._socket = _listen(self.config)
         self.url = url_of(self._socket, tls=self.config.tls)
-        self._server = _Server(_uvicorn_config(self.app, self.config))
+        self._server = QuietServer(_uvicorn_config(self.app, self.config))
         self._task = asyncio.create_task(
-            _run_server(self._server, self._socket), name="relay-server"
+            run_server(self._server, self._socket), name="relay-server"
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _START_TIMEOUT
@@ -107,7 +114,7 @@ class RelayServer:
             if self._task.done():
                 await self._task
                 self._socket.close()
-                raise _startup_error(self.app)
+                raise startup_error(self.app, "relay")
             if loop.time() > deadline:
                 await self.stop()
                 raise TigressSignalError("the relay did not start in time")
@@ -141,23 +148,6 @@ class RelayServer:
         await self.stop()
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server without its own signal handling (see the intermediary's)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-async def _run_server(server: uvicorn.Server, sock: socket.socket) -> None:
-    try:
-        await server.serve(sockets=[sock])
-    except SystemExit:
-        # uvicorn ends the process when the app's start-up fails; report the cause instead.
-        if server.started:
-            raise
-
-
 def _request_exit(app: Starlette, server: uvicorn.Server, signum: signal.Signals) -> None:
     logger.info("received %s; stopping", signum.name)
     context = getattr(app.state, "relay", None)
@@ -181,41 +171,8 @@ def _uvicorn_config(app: Starlette, config: RelayConfig) -> uvicorn.Config:
     )
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (port 0: a free one).
-
-    Raises:
-        ConfigError: the address is unknown or the port is taken.
-    """
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, address = infos[0]
-        sock = socket.socket(family, kind, proto)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(
-            f"cannot listen on {host}:{port}: {exc.strerror or exc}",
-            hint="choose another port, or stop the process using it",
-        ) from exc
-    if not ipaddress.ip_address(str(address[0]).partition("%")[0]).is_loopback:
-        logger.info("listening on %s, beyond loopback", host)
+def _listen(config: RelayConfig) -> socket.socket:
+    sock = listen(config.host, config.port)
+    if not is_loopback(sock):
+        logger.info("listening on %s, beyond loopback", config.host)
     return sock
-
-
-def url_of(sock: socket.socket, *, tls: bool = False) -> str:
-    """The base URL of a listening socket."""
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    return f"{'https' if tls else 'http'}://{shown}:{port}"
-
-
-def _startup_error(app: Starlette) -> BaseException:
-    error = getattr(app.state, "startup_error", None)
-    if isinstance(error, BaseException):
-        return error
-    return TigressSignalError("the relay did not start; see the log above")
