@@ -331,3 +331,63 @@ async def test_a_half_open_connection_is_noticed_and_nothing_is_lost(tmp_path, c
         process.terminate()
         process.wait(15)
         log.close()
+
+
+async def _link_device(
+    bob: Wallet, url: str, registration_id: int, key_id: int
+) -> tuple[int, str]:
+    """Link a second device to Bob's account, with keys signed by Bob's identity."""
+    bridge = bob._bridge
+    assert bridge is not None
+    signed = await bridge.generate_signed_prekey(key_id)
+    (last_resort,) = await bridge.generate_kyber_prekeys(key_id, 1)
+    async with client_of(bob, url) as own, IntermediaryClient(url) as fresh:
+        code = await own.issue_link_code()
+        linked = await fresh.link_device(
+            verification_code=code.verification_code,
+            registration_id=registration_id,
+            signed_prekey=signed.public(),
+            pq_last_resort_prekey=last_resort.public(),
+        )
+    return int(linked.device_id), linked.password
+
+
+async def test_sends_follow_the_recipients_devices(server_config, tmp_path):
+    async with IntermediaryServer(server_config) as server:
+        alice = await Wallet.create(tmp_path / "alice", server.url)
+        bob = await Wallet.create(tmp_path / "bob", server.url)
+        bob_reg = bob.account.registration_id
+        async with alice, bob, receiving(alice), receiving(bob):
+            first = await alice.shares.offer_provisioning(bob.account_id, token("1"), title="1")
+            await bob.shares.wait_for(first.share_id, [ShareState.OFFERED], WAIT)
+            assert alice.store.peer_devices(bob.account_id) == {1: bob_reg}
+
+            async def messages_of(device_id: int, password: str) -> int:
+                async with IntermediaryClient(server.url) as device:
+                    device.authenticate(bob.account_id, device_id, password)
+                    return len((await device.list_messages()).messages)
+
+            # A new device (409 missingDevices): Alice's next message reaches it too.
+            second_device, password = await _link_device(bob, server.url, 4242, 900)
+            second = await alice.shares.offer_provisioning(bob.account_id, token("2"), title="2")
+            await bob.shares.wait_for(second.share_id, [ShareState.OFFERED], WAIT)
+            assert alice.store.peer_devices(bob.account_id) == {1: bob_reg, second_device: 4242}
+            assert await messages_of(second_device, password) == 1
+
+            # The device is removed (409 extraDevices): Alice stops sending to it.
+            async with client_of(bob, server.url) as own:
+                await own.remove_device(second_device)
+            third = await alice.shares.offer_provisioning(bob.account_id, token("3"), title="3")
+            await bob.shares.wait_for(third.share_id, [ShareState.OFFERED], WAIT)
+            assert alice.store.peer_devices(bob.account_id) == {1: bob_reg}
+
+            # Linked again under the same id with a new registration id: Alice learns it (410
+            # staleDevices, or 409 since she had dropped it) and the new device gets the message.
+            again, password = await _link_device(bob, server.url, 4343, 901)
+            assert again == second_device
+            fourth = await alice.shares.offer_provisioning(bob.account_id, token("4"), title="4")
+            await bob.shares.wait_for(fourth.share_id, [ShareState.OFFERED], WAIT)
+            assert alice.store.peer_devices(bob.account_id) == {1: bob_reg, again: 4343}
+            assert await messages_of(again, password) == 1
+            outbox = alice.store.connection.execute("SELECT count(*) FROM outbox").fetchone()
+            assert outbox[0] == 0

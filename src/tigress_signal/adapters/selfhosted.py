@@ -35,10 +35,12 @@ from tigress_signal.errors import (
     ChannelClosed,
     ChannelError,
     DuplicateMessage,
+    MismatchedDevices,
     NotFound,
     RateLimited,
     ServerApiError,
     SignalProtocolError,
+    StaleDevices,
     TigressSignalError,
     UnknownPeer,
     UntrustedIdentity,
@@ -53,6 +55,9 @@ _ENVELOPE_CIPHERTEXT = 1
 _ENVELOPE_PREKEY = 3
 _LIBSIGNAL_WHISPER = 2
 _LIBSIGNAL_PREKEY = 3
+
+#: How many times one delivery corrects the peer's device list (409/410) before giving up.
+_DEVICE_CORRECTIONS = 3
 
 _RECONNECT_FIRST_DELAY = 0.2
 _RECONNECT_MAX_DELAY = 10.0
@@ -166,7 +171,15 @@ class SelfHostedChannel(CredentialChannel):
             if not held:
                 lock.release()
             raise
-        wire = json.dumps({"timestamp": int(time.time() * 1000), "messages": messages})
+        # The payload travels with the ciphertexts so that a device the intermediary reports as
+        # missing or re-registered (409/410) can be given its own ciphertext at delivery.
+        wire = json.dumps(
+            {
+                "timestamp": int(time.time() * 1000),
+                "messages": messages,
+                "payload": base64.b64encode(payload).decode("ascii"),
+            }
+        )
         sealed = SealedMessage(peer, wire.encode("ascii"), tuple(changes))
         self._sealed[id(sealed)] = lock if not held else None
         return sealed
@@ -182,38 +195,114 @@ class SelfHostedChannel(CredentialChannel):
                 lock.release()
 
     async def deliver(self, sealed: SealedMessage) -> None:
-        """Store a sealed message at the intermediary (the same ciphertext on every retry)."""
+        """Store a sealed message at the intermediary (the same ciphertext on every retry).
+
+        When the intermediary answers that the peer's devices changed (409: devices missing or
+        extra; 410: devices registered again), the device list is corrected, the devices that
+        need it get a ciphertext of their own from a fresh session, and the send is retried.
+        """
         started = time.perf_counter()
         try:
             document = json.loads(sealed.wire)
-            messages = [
-                OutgoingMessage(
+            messages = {
+                int(m["destinationDeviceId"]): OutgoingMessage(
                     type=int(m["type"]),
                     destination_device_id=int(m["destinationDeviceId"]),
                     destination_registration_id=int(m["destinationRegistrationId"]),
                     content=base64.b64decode(m["content"], validate=True),
                 )
                 for m in document["messages"]
-            ]
+            }
             timestamp = int(document["timestamp"])
+            payload = base64.b64decode(document.get("payload", ""), validate=True)
         except (ValueError, KeyError, TypeError, binascii.Error) as exc:
             raise ChannelError(f"a sealed message to {sealed.peer} is damaged: {exc}") from exc
-        try:
-            await self._client.send_messages(sealed.peer, messages, timestamp=timestamp)
-        except NotFound as exc:
-            raise UnknownPeer(f"the intermediary has no account {sealed.peer}") from exc
-        except RateLimited:
-            raise  # the caller waits as long as the server asked
-        except ServerApiError as exc:
-            raise ChannelError(
-                f"the intermediary refused the message to {sealed.peer}: {exc}"
-            ) from exc
+        for attempt in range(_DEVICE_CORRECTIONS + 1):
+            try:
+                await self._client.send_messages(
+                    sealed.peer, list(messages.values()), timestamp=timestamp
+                )
+                break
+            except (MismatchedDevices, StaleDevices) as exc:
+                if attempt == _DEVICE_CORRECTIONS or not payload:
+                    raise ChannelError(
+                        f"the devices of {sealed.peer} keep changing: {exc}"
+                    ) from exc
+                await self._correct_devices(sealed.peer, payload, messages, exc)
+            except NotFound as exc:
+                raise UnknownPeer(f"the intermediary has no account {sealed.peer}") from exc
+            except RateLimited:
+                raise  # the caller waits as long as the server asked
+            except ServerApiError as exc:
+                raise ChannelError(
+                    f"the intermediary refused the message to {sealed.peer}: {exc}"
+                ) from exc
         log.info(
             "delivered a message to %s on %d device(s) (%.1f ms)",
             sealed.peer,
             len(messages),
             (time.perf_counter() - started) * 1000,
         )
+
+    async def _correct_devices(
+        self,
+        peer: str,
+        payload: bytes,
+        messages: dict[int, OutgoingMessage],
+        answer: MismatchedDevices | StaleDevices,
+    ) -> None:
+        """Bring ``messages`` in line with the peer's devices as the intermediary reported them."""
+        if isinstance(answer, MismatchedDevices):
+            gone, new = set(answer.extra_devices), set(answer.missing_devices)
+        else:
+            gone, new = set(), set(answer.stale_devices)
+        log.info(
+            "devices of %s changed: %s new or re-registered, %s gone",
+            peer,
+            sorted(new) or "none",
+            sorted(gone) or "none",
+        )
+        async with self._lock(peer):
+            changes: list[RecordChange] = []
+            try:
+                for device_id in sorted(new):
+                    bundle = await self._client.fetch_bundle(peer, device_id)
+                    (device,) = bundle.devices
+                    address = ProtocolAddress(peer, device_id)
+                    # For a re-registered device libsignal archives the old session state and
+                    # starts a new one from the fresh bundle.
+                    changes.extend(
+                        (await self._bridge.process_prekey_bundle(address, device)).changes
+                    )
+                    result = await self._bridge.encrypt(address, payload)
+                    changes.extend(result.changes)
+                    messages[device_id] = OutgoingMessage(
+                        type=_ENVELOPE_PREKEY
+                        if result.message_type == _LIBSIGNAL_PREKEY
+                        else _ENVELOPE_CIPHERTEXT,
+                        destination_device_id=device_id,
+                        destination_registration_id=device.registration_id,
+                        content=result.ciphertext,
+                    )
+                with self._store.transaction() as conn:
+                    self._store.apply_changes(conn, changes)
+                    for device_id in sorted(new):
+                        reg = messages[device_id].destination_registration_id
+                        self._store.save_peer_device(conn, peer, device_id, reg)
+                    for device_id in sorted(gone):
+                        messages.pop(device_id, None)
+                        self._store.apply_changes(
+                            conn, [RecordChange("session", f"{peer}.{device_id}", None)]
+                        )
+                        conn.execute(
+                            "DELETE FROM peer_devices WHERE peer = ? AND device_id = ?",
+                            (peer, device_id),
+                        )
+            except BaseException:
+                await self._forget(changes)
+                raise
+            if gone:
+                await self._bridge.evict([("session", f"{peer}.{d}") for d in gone])
 
     async def _start_sessions(self, peer: str, changes: list[RecordChange]) -> dict[int, int]:
         try:
