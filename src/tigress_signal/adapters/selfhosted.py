@@ -10,10 +10,9 @@ under the peer's lock and handed to the wallet with the records its decryption c
 lock is held until the wallet acknowledges (its effect is committed) or releases it, so no other
 operation for that peer can interleave with the session update.
 
-Note:
-    Each peer is sent to on the devices its bundle listed at first contact. Keeping that list
-    current (the server's 409 and 410 answers) is not handled here yet: such a send fails with
-    the server's error.
+Devices: a peer is sent to on the devices its bundle listed at first contact; when the
+intermediary answers 409 (devices missing or extra) or 410 (devices registered again), delivery
+corrects the list, sets up sessions with the new devices and retries.
 """
 
 from __future__ import annotations
