@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
+import tomllib
 from collections.abc import Iterator
+from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
@@ -87,3 +89,22 @@ def startup_error(app: Starlette, what: str) -> BaseException:
     if isinstance(error, BaseException):
         return error
     return TigressSignalError(f"the {what} did not start; see the log above")
+
+
+def read_settings(path: Path | str, table: str) -> dict[str, object]:
+    """A server's settings from a TOML file: its ``[table]``, or the top level without one.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or ``table`` is not a table.
+    """
+    try:
+        with Path(path).open("rb") as file:
+            document = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    settings = document.get(table, document)
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path}: [{table}] must be a table")
+    return settings

@@ -47,7 +47,6 @@ spreads its requests over them gets up to that many times the limit.
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
@@ -62,6 +61,7 @@ from pydantic import (
 )
 
 from tigress_signal.errors import ConfigError
+from tigress_signal.serving import read_settings
 from tigress_signal.storage.database import check_postgres_url
 
 #: Signal-Server's limit on one message's ``content`` (``MessageSender.MAX_MESSAGE_SIZE``).
@@ -239,16 +239,6 @@ def load_intermediary_config(
     """
     values: dict[str, object] = {}
     if path is not None:
-        try:
-            with Path(path).open("rb") as file:
-                document = tomllib.load(file)
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-        table = document.get("intermediary", document)
-        if not isinstance(table, dict):
-            raise ConfigError(f"{path}: [intermediary] must be a table")
-        values.update(table)
+        values.update(read_settings(path, "intermediary"))
     values.update(overrides or {})
     return IntermediaryConfig.from_mapping(values)

@@ -17,7 +17,6 @@ capability URLs, and the drafts allow the relay API over TLS only.
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
@@ -25,6 +24,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tigress_signal.errors import ConfigError
+from tigress_signal.serving import read_settings
 
 #: The cap on a mailbox's lifetime; the sample implementation's figure.
 DEFAULT_MAX_LIFETIME_HOURS = 48.0
@@ -145,17 +145,7 @@ def load_relay_config(
     """
     values: dict[str, object] = {}
     if path is not None:
-        try:
-            with Path(path).open("rb") as file:
-                document = tomllib.load(file)
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-        table = document.get("relay", document)
-        if not isinstance(table, dict):
-            raise ConfigError(f"{path}: [relay] must be a table")
-        values.update(table)
+        values.update(read_settings(path, "relay"))
     values.update(overrides or {})
     return RelayConfig.from_mapping(values)
 
