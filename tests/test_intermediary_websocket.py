@@ -241,6 +241,7 @@ async def test_garbage_frames_are_ignored_and_requests_are_answered_404(alice, b
             '{"type": "response", "id": 12345, "status": 200}',
             '{"type": "other", "id": 1}',
             b"\x00\x01binary",
+            "[" * 30_000 + "]" * 30_000,  # nested deeper than the JSON parser recurses
         ]:
             await socket.send(frame)
         await socket.send(json.dumps({"type": "request", "id": 77, "verb": "GET", "path": "/x"}))

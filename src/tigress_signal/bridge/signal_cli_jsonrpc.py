@@ -283,7 +283,7 @@ class SignalCliJsonRpcClient:
     def _dispatch(self, line: bytes) -> None:
         try:
             message = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             log.warning("signal-cli sent a line that is not JSON (%d bytes)", len(line))
             return
         if isinstance(message, list):  # a batch answer

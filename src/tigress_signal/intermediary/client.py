@@ -632,7 +632,7 @@ class MessageStream:
     def _on_frame(self, text: str) -> Delivery | None:
         try:
             frame = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # nesting too deep is not JSON we take
             logger.warning("the intermediary sent a WebSocket frame that is not JSON")
             return None
         if not isinstance(frame, dict) or frame.get("type") != "request":
@@ -706,7 +706,7 @@ def _parse(response: httpx.Response, model: type[ModelT]) -> ModelT:
 def _json_object(content: bytes | bytearray) -> dict[str, object]:
     try:
         value = json.loads(content)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 

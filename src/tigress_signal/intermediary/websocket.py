@@ -155,7 +155,7 @@ class _Connection:
     async def _on_frame(self, text: str) -> None:
         try:
             frame = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # nesting too deep is not JSON we take
             logger.debug("ignored a WebSocket frame that is not JSON")
             return
         if not isinstance(frame, dict):

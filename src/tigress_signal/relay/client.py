@@ -468,7 +468,7 @@ def _parse(response: httpx.Response, model: type[ModelT]) -> ModelT:
 def _error_for(response: httpx.Response, what: str) -> RelayApiError:
     try:
         body = json.loads(response.content)
-    except ValueError:
+    except (ValueError, RecursionError):
         body = {}
     if not isinstance(body, dict):
         body = {}
