@@ -74,6 +74,25 @@ async def test_a_missing_folder_is_a_store_error(tmp_path):
     assert caught.value.hint
 
 
+async def test_a_new_sqlite_file_is_readable_by_its_owner_only(tmp_path):
+    path = tmp_path / "server.db"
+    async with await Database.open(f"sqlite:///{path}") as db:
+        await db.execute("CREATE TABLE t (x INTEGER)")
+        await db.execute("INSERT INTO t VALUES (1)")
+        modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes["server.db"] == 0o600
+    assert all(mode == 0o600 for mode in modes.values()), modes
+
+
+async def test_an_existing_sqlite_file_keeps_its_mode(tmp_path):
+    path = tmp_path / "shared.db"
+    sqlite3.connect(path).close()
+    path.chmod(0o640)
+    async with await Database.open(f"sqlite:///{path}"):
+        pass
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
 async def test_wal_mode_busy_timeout_and_foreign_keys(db):
     async with db.transaction() as conn:
         assert await conn.fetchval("PRAGMA journal_mode") == "wal"

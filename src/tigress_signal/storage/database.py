@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -447,9 +448,20 @@ class _SqliteBackend:
 
 
 def _probe(path: str) -> None:
-    """Open and close a SQLite file (creating it if needed); raises sqlite3.Error if it can't."""
-    if path != ":memory:":
-        sqlite3.connect(path).close()
+    """Open and close a SQLite file (creating it if needed); raises sqlite3.Error if it can't.
+
+    A new file is made readable by its owner only: it holds password hashes and undelivered
+    messages. SQLite gives its -wal and -shm files the same mode.
+    """
+    if path == ":memory:":
+        return
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass  # an existing database keeps the mode its owner gave it
+    except OSError as exc:
+        raise sqlite3.OperationalError(f"cannot create {path}: {exc.strerror}") from exc
+    sqlite3.connect(path).close()
 
 
 def _store_error(exc: sqlite3.Error) -> StoreError:
