@@ -462,6 +462,7 @@ _FINAL_STATES = (
     ShareState.DECLINED,
     ShareState.CANCELLED,
     ShareState.EXPIRED,
+    ShareState.TAKEN,
 )
 
 

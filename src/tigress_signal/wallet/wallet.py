@@ -89,7 +89,9 @@ class Wallet:
                 store, bridge, client, account, on_connect=self._maintain_prekeys
             )
         self.channel: CredentialChannel = channel
-        self.shares = ShareService(store, self.channel)
+        self.shares = ShareService(
+            store, self.channel, device_id=account.device_id if account is not None else 1
+        )
 
     async def _maintain_prekeys(self) -> None:
         # Checked on every (re)connect: a wallet that was offline may have been drained.
