@@ -315,6 +315,14 @@ class WalletStore:
         )
         return first
 
+    def skip_ids_through(self, conn: sqlite3.Connection, counter: str, last: int) -> None:
+        """Make sure a named counter never hands out ``last`` or an id below it."""
+        conn.execute(
+            "INSERT INTO counters (name, next_value) VALUES (?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET next_value = max(next_value, excluded.next_value)",
+            (counter, last + 1),
+        )
+
     # -- libsignal records ---------------------------------------------------------------
 
     def load_record(self, kind: RecordKind, key: str) -> bytes | None:
