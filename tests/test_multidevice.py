@@ -21,6 +21,7 @@ import pytest
 
 from tigress_signal.credentials import DigitalKeyHolder, ReferenceLock, verify_access_token
 from tigress_signal.errors import (
+    ConfigError,
     EndorsementRejected,
     InvalidLinkAnswer,
     InvalidLinkRequest,
@@ -311,6 +312,12 @@ async def test_a_link_request_needs_a_new_folder(tmp_path):
     folder = tmp_path / "used"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
-    with pytest.raises(Exception, match="not empty"):
+    with pytest.raises(ConfigError, match="not empty"):
         await Wallet.link_request(folder)
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+    waiting = tmp_path / "waiting"
+    request = await Wallet.link_request(waiting)
+    with pytest.raises(ConfigError, match="already holds a wallet or a link request"):
+        await Wallet.link_request(waiting)
+    assert Wallet.pending_link_request(waiting) == request

@@ -295,6 +295,11 @@ class Wallet:
             ConfigError: ``folder`` is not new or empty.
         """
         path = Path(folder)
+        if (path / DATABASE_NAME).exists():
+            raise ConfigError(
+                f"{path} already holds a wallet or a link request",
+                hint="use a new folder, or show a waiting folder's request again with --show",
+            )
         created = _claim_new_folder(path)
         try:
             with WalletStore.open(path) as store:
@@ -447,10 +452,16 @@ class Wallet:
                 identity_public_key=secrets.identity_public_key,
                 registration_id=registration_id,
             )
-            with store.transaction() as conn:
-                store.save_account(conn, account)
-                store.clear_pending_link(conn)
+            # The configuration first: should storing the account fail, the folder is still
+            # only waiting (a wallet.toml without an account opens as "waiting to be linked").
             save_wallet_config(path, config)
+            try:
+                with store.transaction() as conn:
+                    store.save_account(conn, account)
+                    store.clear_pending_link(conn)
+            except BaseException:
+                (path / CONFIG_NAME).unlink(missing_ok=True)
+                raise
 
             # One-time prekeys; if the server is unreachable now, the next connect refills.
             client.authenticate(account.account_id, account.device_id, account.password)
