@@ -5,6 +5,7 @@ the way or meant for another request does not.
 from __future__ import annotations
 
 import base64
+import dataclasses
 
 import pytest
 
@@ -35,7 +36,7 @@ def raw(answer: str) -> bytearray:
     return bytearray(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
 
 
-def text(data: bytes) -> str:
+def text(data: bytes | bytearray) -> str:
     return ANSWER_PREFIX + base64.urlsafe_b64encode(bytes(data)).decode().rstrip("=")
 
 
@@ -72,9 +73,7 @@ def test_a_changed_byte_anywhere_is_refused(offset, words):
 
 def test_an_answer_with_an_unknown_trust_policy_is_refused():
     line, private_pem, _ = make_link_request()
-    odd = LinkSecrets(
-        **{**{f: getattr(SECRETS, f) for f in SECRETS.__slots__}, "trust_policy": "x"}
-    )
+    odd = dataclasses.replace(SECRETS, trust_policy="x")
     with pytest.raises(InvalidLinkAnswer, match="unknown trust policy"):
         open_link_answer(seal_link_answer(parse_link_request(line), odd), private_pem)
 
