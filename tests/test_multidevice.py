@@ -210,7 +210,7 @@ async def test_a_device_that_did_not_answer_stops_offering_the_share(parties):
         await tablet.shares.decline(share.share_id, "not on this device")
         await alice.shares.wait_for(share.share_id, [ShareState.DECLINED], WAIT)
         await phone.shares.wait_for(share.share_id, [ShareState.TAKEN], WAIT)
-    with pytest.raises(InvalidTransition):
+    with pytest.raises(InvalidTransition, match="another device of this account answered"):
         await phone.shares.accept(share.share_id)
     assert phone.shares.credentials() == [] and tablet.shares.credentials() == []
     assert tablet.shares.share(share.share_id).state is ShareState.DECLINED

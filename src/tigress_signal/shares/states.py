@@ -114,6 +114,10 @@ def next_state(role: Role, flow: Flow, state: ShareState, event: str) -> ShareSt
     try:
         return _TRANSITIONS[(role, flow, state, event)]
     except KeyError:
+        if state is ShareState.TAKEN:
+            raise InvalidTransition(
+                f"the share is {state.value!r}: another device of this account answered it first"
+            ) from None
         raise InvalidTransition(
             f"a {flow} share in state {state.value!r} on the {role} side does not accept"
             f" {event.removeprefix('user:')!r}"
