@@ -236,6 +236,7 @@ async def test_bad_link_requests_are_refused_before_any_code_is_issued(tmp_path)
                 (request.line[:-3], "63 bytes instead of 65"),
                 ("tslink1-ans.AAAA", "a link answer, not a link request"),
                 ("tslink1-req." + "A" * 87, "not a P-256 point"),
+                ("tslink1-req." + "A" * 5000, "longer than 256 characters"),
             ]:
                 with pytest.raises(InvalidLinkRequest, match=words):
                     await phone.answer_link(bad)

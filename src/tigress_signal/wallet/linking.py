@@ -56,6 +56,7 @@ _HEADER_BYTES = _FINGERPRINT_BYTES + _POINT_BYTES + _NONCE_BYTES
 #: Far more than any answer needs (an identity key pair, a URL, a code); a longer one is refused
 #: before any work is done on it.
 _MAX_ANSWER_CHARS = 8192
+_MAX_REQUEST_CHARS = 256
 _HKDF_INFO = b"tigress-signal device link v1"
 _TRUST_POLICIES = ("tofu", "always", "verify")
 
@@ -143,6 +144,10 @@ def parse_link_request(text: str) -> LinkRequest:
         )
     if not line.startswith(REQUEST_PREFIX):
         raise InvalidLinkRequest(f"not a link request (it starts with {REQUEST_PREFIX!r})")
+    if len(line) > _MAX_REQUEST_CHARS:
+        raise InvalidLinkRequest(
+            f"the link request is longer than {_MAX_REQUEST_CHARS} characters"
+        )
     point = _unb64url(line.removeprefix(REQUEST_PREFIX), InvalidLinkRequest, "link request")
     if len(point) != _POINT_BYTES:
         raise InvalidLinkRequest(
