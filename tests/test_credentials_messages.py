@@ -27,6 +27,7 @@ from tigress_signal.credentials import (
     KeySigningRequest,
     Offer,
     ProvisioningInformation,
+    Taken,
     TransferEnvelope,
     decode_transfer,
     encode_transfer,
@@ -326,6 +327,19 @@ def test_cancelled_reason_bounded_and_printable() -> None:
         Cancelled(share_id=SHARE, reason="a\rb")
 
 
+def test_taken_and_key_import_request_name_a_device_1_to_127() -> None:
+    assert Taken(share_id=SHARE, device_id=127).device_id == 127
+    for bad in (0, 128):
+        with pytest.raises(ValidationError, match="device_id"):
+            Taken(share_id=SHARE, device_id=bad)
+        with pytest.raises(ValidationError, match="device_id"):
+            KeyImportRequest(share_id=SHARE, endorsement=endorsement(), device_id=bad)
+    with pytest.raises(ValidationError, match="device_id"):
+        Taken(share_id=SHARE)  # type: ignore[call-arg]
+    # A key import request from a sender that does not follow devices names none.
+    assert KeyImportRequest(share_id=SHARE, endorsement=endorsement()).device_id is None
+
+
 # -- the wire form ---------------------------------------------------------------------------
 
 
@@ -339,6 +353,8 @@ def all_messages() -> list[Any]:
         Accepted(share_id=SHARE),
         Declined(share_id=SHARE, reason="no thanks"),
         Cancelled(share_id=SHARE),
+        KeyImportRequest(share_id=SHARE, endorsement=endorsement(), device_id=2),
+        Taken(share_id=SHARE, device_id=3),
     ]
 
 

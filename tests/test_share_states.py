@@ -23,6 +23,11 @@ S = ShareState
         ("receiver", "stateful", S.OFFERED, "user:decline", S.DECLINED),
         ("receiver", "stateful", S.KEY_REQUESTED, "cancelled", S.CANCELLED),
         ("sender", "stateful", S.ENDORSED, "user:cancel", S.CANCELLED),
+        # Another device of the receiver's account answered first.
+        ("receiver", "stateless", S.OFFERED, "taken", S.TAKEN),
+        ("receiver", "stateless", S.ACCEPTED, "taken", S.TAKEN),
+        ("receiver", "stateful", S.KEY_REQUESTED, "taken", S.TAKEN),
+        ("receiver", "stateful", S.DECLINED, "taken", S.TAKEN),
     ],
 )
 def test_allowed_transitions(role, flow, state, event, expected):
@@ -46,6 +51,10 @@ def test_allowed_transitions(role, flow, state, event, expected):
         ("sender", "stateful", S.DECLINED, "user:cancel"),
         # A sender cannot accept its own offer.
         ("sender", "stateless", S.OFFERED, "user:accept"),
+        # Only a receiver's copy can be taken, and a key this device imported stays.
+        ("sender", "stateless", S.OFFERED, "taken"),
+        ("receiver", "stateful", S.ACCEPTED, "taken"),
+        ("receiver", "stateless", S.CANCELLED, "taken"),
     ],
 )
 def test_refused_transitions(role, flow, state, event):
@@ -59,4 +68,5 @@ def test_final_states():
         S.DECLINED,
         S.CANCELLED,
         S.EXPIRED,
+        S.TAKEN,
     }

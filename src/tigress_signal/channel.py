@@ -38,6 +38,8 @@ class IncomingMessage:
         record_changes: libsignal records the decryption changed, to be committed with the
             message's effect.
         identity_changes: peers whose identity key changed during decryption.
+        device_id: which of the sender's devices sent it; 1 on channels that do not tell
+            devices apart (the relay, signal-cli), where a peer is one device.
     """
 
     peer: str
@@ -45,6 +47,7 @@ class IncomingMessage:
     envelope_id: str
     record_changes: Sequence[RecordChange] = field(default=())
     identity_changes: Sequence[IdentityChanged] = field(default=())
+    device_id: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from tigress_signal.credentials import (
     ReferenceLock,
     provisioning_from_file,
 )
-from tigress_signal.credentials.messages import describe_validation_error
+from tigress_signal.credentials.messages import MAX_DEVICE_ID, describe_validation_error
 from tigress_signal.errors import ConfigError, TigressSignalError
 from tigress_signal.shares.service import DigitalKeyTerms, Share
 from tigress_signal.shares.states import ShareState
@@ -134,6 +134,31 @@ def _parser() -> argparse.ArgumentParser:
     show = wallet.add_parser("show", help="print a wallet's account id")
     show.add_argument("folder", type=Path)
     show.set_defaults(run=_wallet_show)
+    link_request = wallet.add_parser(
+        "link-request", help="new device: make a wallet folder waiting to be linked"
+    )
+    link_request.add_argument("folder", type=Path)
+    link_request.add_argument(
+        "--show", action="store_true", help="print the request of a folder already waiting"
+    )
+    link_request.set_defaults(run=_wallet_link_request)
+    link = wallet.add_parser("link", help="existing device: answer a new device's link request")
+    link.add_argument("--wallet", type=Path, required=True)
+    link.add_argument("request", help="the line 'wallet link-request' printed on the new device")
+    link.set_defaults(run=_wallet_link)
+    link_finish = wallet.add_parser(
+        "link-finish", help="new device: link the waiting folder with the existing one's answer"
+    )
+    link_finish.add_argument("folder", type=Path)
+    link_finish.add_argument("answer", help="the line 'wallet link' printed on the other device")
+    link_finish.set_defaults(run=_wallet_link_finish)
+    devices = wallet.add_parser("devices", help="list the devices of a wallet's account")
+    devices.add_argument("--wallet", type=Path, required=True)
+    devices.set_defaults(run=_wallet_devices)
+    remove = wallet.add_parser("remove-device", help="remove a device from a wallet's account")
+    remove.add_argument("--wallet", type=Path, required=True)
+    remove.add_argument("device_id", type=_device_id, metavar="ID")
+    remove.set_defaults(run=_wallet_remove_device)
 
     share = commands.add_parser("share", help="offer a credential to another wallet")
     share.add_argument("--wallet", type=Path, required=True)
@@ -234,6 +259,13 @@ _hours = _bounded("hours", 0, 24 * 365, low_ok=False)
 _days = _bounded("days", 0, 3650, low_ok=False)
 
 
+def _device_id(text: str) -> int:
+    """An argparse type: a device id, 1 to 127."""
+    if not text.isdigit() or not 1 <= int(text) <= MAX_DEVICE_ID:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device id (1 to {MAX_DEVICE_ID})")
+    return int(text)
+
+
 # -- commands ---------------------------------------------------------------------------------
 
 
@@ -297,6 +329,57 @@ async def _wallet_show(args: argparse.Namespace) -> int:
         print(f"channel   {wallet.config.channel}")
         if wallet.config.selfhosted is not None:
             print(f"server    {wallet.config.server_url()}")
+    return 0
+
+
+async def _wallet_link_request(args: argparse.Namespace) -> int:
+    if args.show:
+        request = Wallet.pending_link_request(args.folder)
+    else:
+        request = await Wallet.link_request(args.folder)
+    print(request.line)
+    print(
+        f"check code {request.check_code}: the existing device shows it too; paste the line"
+        " above into 'wallet link' there, then its answer into 'wallet link-finish' here",
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def _wallet_link(args: argparse.Namespace) -> int:
+    async with await Wallet.open(args.wallet) as wallet:
+        answer = await wallet.answer_link(args.request)
+    expires = datetime.fromtimestamp(answer.expires_at / 1000, UTC).isoformat(timespec="seconds")
+    print(answer.line)
+    print(
+        f"This answer hands over your account's identity. Paste it only into your own new"
+        f" device, the one showing check code {answer.check_code}; never send it to anyone."
+        f" It works once, until {expires}.",
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def _wallet_link_finish(args: argparse.Namespace) -> int:
+    async with await Wallet.finish_link(args.folder, args.answer) as wallet:
+        print(f"linked as device {wallet.account.device_id} of account {wallet.account_id}")
+    return 0
+
+
+async def _wallet_devices(args: argparse.Namespace) -> int:
+    async with await Wallet.open(args.wallet) as wallet:
+        own = wallet.account.device_id
+        for device in await wallet.devices():
+            created = datetime.fromtimestamp(device.created / 1000, UTC)
+            mark = "  (this device)" if device.id == own else ""
+            print(f"device {device.id}  added {created.isoformat(timespec='seconds')}{mark}")
+    return 0
+
+
+async def _wallet_remove_device(args: argparse.Namespace) -> int:
+    async with await Wallet.open(args.wallet) as wallet:
+        await wallet.remove_device(args.device_id)
+    print(f"removed device {args.device_id}")
     return 0
 
 
@@ -462,6 +545,7 @@ _FINAL_STATES = (
     ShareState.DECLINED,
     ShareState.CANCELLED,
     ShareState.EXPIRED,
+    ShareState.TAKEN,
 )
 
 

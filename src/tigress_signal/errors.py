@@ -19,6 +19,9 @@ so a caller only ever needs to catch :class:`TigressSignalError` or one of its b
     ├── StoreError                       the wallet's SQLite store (wallet/store.py)
     │   ├── StoreLocked                  another process has this wallet open
     │   └── StoreUnavailable             a database server cannot be reached (storage/)
+    ├── DeviceLinkError                  linking a device from the wallet side (wallet/linking.py)
+    │   ├── InvalidLinkRequest           a link request that is not ours, cut short or damaged
+    │   └── InvalidLinkAnswer            a link answer damaged, for another request, or spent
     ├── ServerApiError                   the intermediary answered with an error (has .status)
     │   ├── AuthenticationFailed         401: wrong account id or password
     │   ├── NotFound                     404: no such account, device or message
@@ -363,6 +366,25 @@ class PreKeyIdReused(ServerApiError):
         return [
             (str(e.get("field")), int(e.get("keyId", -1))) for e in entries if isinstance(e, dict)
         ]
+
+
+# -- linking devices ---------------------------------------------------------------------------
+
+
+class DeviceLinkError(TigressSignalError):
+    """Linking a new device to a wallet's account from the wallet side failed."""
+
+
+class InvalidLinkRequest(DeviceLinkError):
+    """A link request that is not one, was cut short when copied, or is damaged."""
+
+    hint = "copy the whole line 'wallet link-request' printed on the new device"
+
+
+class InvalidLinkAnswer(DeviceLinkError):
+    """A link answer that is damaged, was made for another request, expired, or was used."""
+
+    hint = "run 'wallet link' on the existing device again and paste its new answer"
 
 
 # -- channels --------------------------------------------------------------------------------

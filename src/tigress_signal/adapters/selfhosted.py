@@ -398,6 +398,7 @@ class SelfHostedChannel(CredentialChannel):
                 envelope_id=envelope.guid,
                 record_changes=tuple(result.changes),
                 identity_changes=tuple(result.identity_changes),
+                device_id=envelope.source_device,
             )
             self._in_flight[envelope.guid] = _Delivery(lock, ack)
             handed_out = True

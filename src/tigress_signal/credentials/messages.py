@@ -6,6 +6,7 @@ A share moves through these messages (see DESIGN, "The two transfers")::
     stateful:   sender -> Offer(no provisioning)        receiver -> KeySigningRequest
                 sender -> KeyImportRequest(endorsement) receiver -> Accepted
     either side, at any step: Cancelled
+    sender, to a receiver with several devices: Taken(device that answered first)
 
 Each message travels inside a :class:`TransferEnvelope` (format version, message id, time sent),
 encoded by :func:`encode_transfer` as compact UTF-8 JSON and read back by :func:`decode_transfer`.
@@ -62,6 +63,8 @@ MAX_DESCRIPTION_CHARS = 1000
 MAX_REASON_CHARS = 200
 MAX_FILENAME_CHARS = 255
 MAX_MEDIA_TYPE_CHARS = 255
+#: The highest device id an account's device may have (the intermediary's limit too).
+MAX_DEVICE_ID = 127
 
 
 # -- field types -----------------------------------------------------------------------------
@@ -330,17 +333,27 @@ class Endorsement(WireModel):
         return self
 
 
+#: A device id within an account.
+DeviceId = Annotated[int, Field(ge=1, le=MAX_DEVICE_ID)]
+
+
 class KeyImportRequest(WireModel):
     """The owner's answer to a key signing request: the endorsement to import.
+
+    Every device of the receiver's account gets this message; only the one named by
+    ``device_id`` made the endorsed key, and the others record the share as taken.
 
     Attributes:
         share_id: the share this answers; must equal ``endorsement.share_id``.
         endorsement: the owner's signed endorsement of the receiver's key.
+        device_id: the receiver's device whose key signing request was endorsed (None from
+            senders that do not follow devices: whichever device asked may import it).
     """
 
     type: Literal["key_import_request"] = "key_import_request"
     share_id: UUID
     endorsement: Endorsement
+    device_id: DeviceId | None = None
 
     @model_validator(mode="after")
     def _same_share(self) -> Self:
@@ -382,9 +395,26 @@ class Cancelled(WireModel):
     reason: Reason | None = None
 
 
+class Taken(WireModel):
+    """The sender's word that another device of the receiver's account answered the offer first.
+
+    A share is redeemed at most once per account: the sender honours the first device that
+    answers and sends this to all of them, so the others stop offering the share to their user
+    (and drop a copy they may already have stored).
+
+    Attributes:
+        share_id: the share taken.
+        device_id: the device whose answer the sender honoured.
+    """
+
+    type: Literal["taken"] = "taken"
+    share_id: UUID
+    device_id: DeviceId
+
+
 #: Any transfer message; ``type`` tells which.
 TransferMessage = Annotated[
-    Offer | KeySigningRequest | KeyImportRequest | Accepted | Declined | Cancelled,
+    Offer | KeySigningRequest | KeyImportRequest | Accepted | Declined | Cancelled | Taken,
     Field(discriminator="type"),
 ]
 
@@ -395,6 +425,7 @@ TRANSFER_MESSAGE_TYPES: tuple[str, ...] = (
     "accepted",
     "declined",
     "cancelled",
+    "taken",
 )
 
 

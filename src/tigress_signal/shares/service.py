@@ -114,6 +114,8 @@ class ShareService:
         store: the wallet store.
         channel: the channel transfer messages travel over.
         clock: the current time (injectable for tests of expiry).
+        device_id: this wallet's device id within its account (1 for a wallet whose channel
+            has no devices); a message naming another device of the account is not for it.
     """
 
     def __init__(
@@ -122,9 +124,11 @@ class ShareService:
         channel: CredentialChannel,
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        device_id: int = 1,
     ) -> None:
         self._store = store
         self._channel = channel
+        self._device_id = device_id
         self._clock = clock
         self._changed = asyncio.Condition()
         self._outbox_lock = asyncio.Lock()
@@ -308,7 +312,13 @@ class ShareService:
             return _Refused(None, "")
         try:
             return steps.plan_message(
-                self._store.connection, incoming.peer, envelope, self._clock(), self.owner_key
+                self._store.connection,
+                incoming.peer,
+                envelope,
+                self._clock(),
+                self.owner_key,
+                device_id=incoming.device_id,
+                own_device=self._device_id,
             )
         except (ShareError, CredentialError) as exc:
             log.warning("refused %s for share %s from %s: %s", name, share_id, incoming.peer, exc)

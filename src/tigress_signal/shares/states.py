@@ -11,6 +11,11 @@ A share is keyed by the share id the sender chose and lives in both wallets. The
 Either side may cancel a share that has not ended. A share is redeemed at most once: the sender
 endorses only the first key signing request, and the receiver stores at most one credential per
 share (the database enforces it too).
+
+A receiving account may have several devices, and every one of them gets the offer. The sender
+honours only the first device that answers and tells the others with ``Taken`` (or, in the
+stateful flow, with a ``KeyImportRequest`` naming the winning device); each of them then moves
+its copy of the share to ``taken`` (event ``"taken"``), dropping anything it stored for it.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ class ShareState(enum.StrEnum):
     """One side withdrew (final)."""
     EXPIRED = "expired"
     """The share's expiry passed before it completed (final)."""
+    TAKEN = "taken"
+    """Receiver: another device of this account answered first; nothing is kept here (final)."""
 
     @property
     def is_final(self) -> bool:
@@ -49,7 +56,13 @@ class ShareState(enum.StrEnum):
 
 
 _FINAL = frozenset(
-    {ShareState.ACCEPTED, ShareState.DECLINED, ShareState.CANCELLED, ShareState.EXPIRED}
+    {
+        ShareState.ACCEPTED,
+        ShareState.DECLINED,
+        ShareState.CANCELLED,
+        ShareState.EXPIRED,
+        ShareState.TAKEN,
+    }
 )
 
 # (role, flow, state, event) -> next state. Events are transfer message types received from the
@@ -70,6 +83,14 @@ _TRANSITIONS: dict[tuple[Role, Flow, ShareState, str], ShareState] = {
     ("receiver", "stateful", ShareState.OFFERED, "user:accept"): ShareState.KEY_REQUESTED,
     ("receiver", "stateful", ShareState.OFFERED, "user:decline"): ShareState.DECLINED,
     ("receiver", "stateful", ShareState.KEY_REQUESTED, "key_import_request"): ShareState.ACCEPTED,
+    # receiver, another device of the account answered first. A device that had already
+    # answered locally (accepted a stateless share, asked for a key, declined) lost the race.
+    ("receiver", "stateless", ShareState.OFFERED, "taken"): ShareState.TAKEN,
+    ("receiver", "stateless", ShareState.ACCEPTED, "taken"): ShareState.TAKEN,
+    ("receiver", "stateless", ShareState.DECLINED, "taken"): ShareState.TAKEN,
+    ("receiver", "stateful", ShareState.OFFERED, "taken"): ShareState.TAKEN,
+    ("receiver", "stateful", ShareState.KEY_REQUESTED, "taken"): ShareState.TAKEN,
+    ("receiver", "stateful", ShareState.DECLINED, "taken"): ShareState.TAKEN,
 }
 
 
@@ -82,7 +103,8 @@ def next_state(role: Role, flow: Flow, state: ShareState, event: str) -> ShareSt
         state: the share's current state.
         event: a received message type (``"accepted"``, ``"key_signing_request"``, ...) or a
             user action (``"user:accept"``, ``"user:decline"``, ``"user:cancel"``), or
-            ``"cancelled"`` when the peer cancels.
+            ``"cancelled"`` when the peer cancels, ``"taken"`` when another device of this
+            account answered first.
 
     Raises:
         InvalidTransition: the event does not fit the share's state.
@@ -92,6 +114,10 @@ def next_state(role: Role, flow: Flow, state: ShareState, event: str) -> ShareSt
     try:
         return _TRANSITIONS[(role, flow, state, event)]
     except KeyError:
+        if state is ShareState.TAKEN:
+            raise InvalidTransition(
+                f"the share is {state.value!r}: another device of this account answered it first"
+            ) from None
         raise InvalidTransition(
             f"a {flow} share in state {state.value!r} on the {role} side does not accept"
             f" {event.removeprefix('user:')!r}"

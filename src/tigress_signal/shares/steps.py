@@ -5,6 +5,19 @@ A step is worked out first, by reading the wallet (:func:`plan_message`, :func:`
 ciphertext (see :mod:`tigress_signal.shares.service`). Working it out never writes; carrying it
 out never decides anything: the transaction first checks that the share is still in the state
 the step was worked out from, then runs the step's writes.
+
+A receiver's account may have several devices, each with its own copy of the share. On the
+sender's side the first device that answers (accepts, declines, asks for a key or cancels) is
+recorded in ``shares.answered_by_device`` and is the only one honoured from then on; a later
+answer from another device gets ``Taken`` back and never an endorsement. When the peer is known
+to have several devices, the first answer is followed by ``Taken`` (or, stateful, by the
+``KeyImportRequest`` naming the winner), so the other devices stop offering the share.
+
+Note:
+    The sender's own other devices learn nothing of the shares it sends: there are no sync
+    transcripts between one's own devices. A reply that reaches another device of the sender's
+    account is refused there as a message for an unknown share; only the device that sent the
+    offer completes it.
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ from tigress_signal.credentials import (
     KeyOwner,
     KeySigningRequest,
     Offer,
+    Taken,
     TransferEnvelope,
     TransferMessage,
     decode_transfer,
@@ -162,8 +176,20 @@ def plan_message(
     envelope: TransferEnvelope,
     now: datetime,
     owner_key: Callable[[str], KeyOwner],
+    *,
+    device_id: int = 1,
+    own_device: int = 1,
 ) -> Step:
     """What a transfer message from ``peer`` does.
+
+    Args:
+        conn: the wallet's connection (read only here).
+        peer: the sender of the message.
+        envelope: the message.
+        now: the current time, for expiry.
+        owner_key: this wallet's owner key for a lock id (to endorse key signing requests).
+        device_id: which of the peer's devices sent the message.
+        own_device: this wallet's own device id within its account.
 
     Raises:
         ShareError: the message does not fit (unknown share, wrong peer, wrong state, expired).
@@ -177,10 +203,36 @@ def plan_message(
     # Only the share's own peer may move it; anyone else learns nothing about it.
     if share.peer != peer:
         raise UnknownShare(f"no share {share_id} with {peer}")
-    if not isinstance(message, Cancelled) and share.expires_at <= now:
+    if not isinstance(message, Cancelled | Taken) and share.expires_at <= now:
         raise ShareExpired(f"share {share_id} expired at {share.expires_at.isoformat()}")
+    if share.role == "receiver" and isinstance(message, Taken | KeyImportRequest):
+        taken_by = message.device_id
+        if taken_by is not None and taken_by != own_device:
+            return _plan_taken(conn, share, taken_by)
+        if isinstance(message, Taken):
+            # The sender honoured this device's answer; the notice was for the other devices.
+            return Step(share_id, peer, "received taken (this device answered first)", share.state)
+    first_answer = False
+    if share.role == "sender" and not isinstance(message, Taken):
+        winner = share.answered_by_device
+        if winner is not None and winner != device_id:
+            # Another device of the peer answered first: this one is told, nothing changes.
+            return Step(
+                share_id,
+                peer,
+                f"received {message.type} from device {device_id}, taken by device {winner}",
+                share.state,
+                reply=Taken(share_id=message.share_id, device_id=winner),
+                summary=f"Already taken on another device: {share.title}",
+            )
+        first_answer = winner is None
     new_state = next_state(share.role, share.flow, share.state, message.type)
     step = Step(share_id, peer, f"received {message.type}", share.state)
+    if first_answer:
+        step.writes.append(_winner_write(share_id, device_id))
+        if not isinstance(message, KeySigningRequest) and _several_devices(conn, peer):
+            step.reply = Taken(share_id=message.share_id, device_id=device_id)
+            step.summary = f"Taken on another device: {share.title}"
     if isinstance(message, KeySigningRequest):
         terms = json.loads(_private(conn, share_id))
         endorsement = owner_key(terms["lock_id"]).endorse(
@@ -190,7 +242,9 @@ def plan_message(
             not_before=datetime.fromisoformat(terms["not_before"]),
             not_after=datetime.fromisoformat(terms["not_after"]),
         )
-        step.reply = KeyImportRequest(share_id=message.share_id, endorsement=endorsement)
+        step.reply = KeyImportRequest(
+            share_id=message.share_id, endorsement=endorsement, device_id=device_id
+        )
         step.summary = f"Key endorsed: {share.title}"
     elif isinstance(message, KeyImportRequest):
         step.writes.append(_key_write(conn, share, message.endorsement))
@@ -198,6 +252,47 @@ def plan_message(
         step.summary = f"Key received: {share.title}"
     step.writes.append(_state_write(share_id, new_state))
     return step
+
+
+def _plan_taken(conn: sqlite3.Connection, share: Share, winner: int) -> Step:
+    """Another device of this account answered first: keep nothing of the share here."""
+    name = f"received taken (device {winner} answered first)"
+    if share.state is ShareState.TAKEN:
+        return Step(share.share_id, share.peer, name, share.state)  # a second notice
+    new_state = next_state(share.role, share.flow, share.state, "taken")
+
+    def drop(conn: sqlite3.Connection) -> None:
+        # A stateless credential accepted here lost the race: the account holds it once, on
+        # the winning device. A key pair made here was never endorsed and is of no use.
+        conn.execute("DELETE FROM credentials WHERE share_id = ?", (share.share_id,))
+        conn.execute("UPDATE shares SET private = x'' WHERE share_id = ?", (share.share_id,))
+
+    return Step(
+        share.share_id,
+        share.peer,
+        name,
+        share.state,
+        [drop, _state_write(share.share_id, new_state)],
+    )
+
+
+def _several_devices(conn: sqlite3.Connection, peer: str) -> bool:
+    """Whether ``peer`` is known to have more than one device (so others got the offer too)."""
+    row = conn.execute("SELECT count(*) FROM peer_devices WHERE peer = ?", (peer,)).fetchone()
+    return int(row[0]) > 1
+
+
+def _winner_write(share_id: str, device_id: int) -> Write:
+    def write(conn: sqlite3.Connection) -> None:
+        taken = conn.execute(
+            "UPDATE shares SET answered_by_device = ?"
+            " WHERE share_id = ? AND answered_by_device IS NULL",
+            (device_id, share_id),
+        ).rowcount
+        if taken == 0:
+            raise InvalidTransition(f"share {share_id} was answered by another device meanwhile")
+
+    return write
 
 
 def _plan_received_offer(

@@ -25,6 +25,8 @@ class Share:
         title: the offer's display title.
         description: the offer's display description.
         expires_at: when the share stops being redeemable.
+        answered_by_device: sender side: the device of the peer whose answer was honoured
+            (the first to answer), None before any answer.
     """
 
     share_id: str
@@ -36,6 +38,7 @@ class Share:
     title: str
     description: str
     expires_at: datetime
+    answered_by_device: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +78,8 @@ class DigitalKey:
 
 
 SHARE_COLUMNS = (
-    "share_id, role, peer, flow, state, credential_format, title, description, expires_at"
+    "share_id, role, peer, flow, state, credential_format, title, description, expires_at,"
+    " answered_by_device"
 )
 
 
@@ -121,4 +125,5 @@ def share_from_row(row: tuple[object, ...]) -> Share:
         title=str(row[6]),
         description=str(row[7]),
         expires_at=datetime.fromisoformat(str(row[8])),
+        answered_by_device=None if row[9] is None else int(str(row[9])),
     )

@@ -112,6 +112,16 @@ _MIGRATIONS: tuple[str, ...] = (
         created_at TEXT NOT NULL
     ) WITHOUT ROWID;
     """,
+    # Several devices per account: which of the peer's devices answered a sent share first,
+    # and the ephemeral key of a new device waiting to be linked (see wallet/linking.py).
+    """
+    ALTER TABLE shares ADD COLUMN answered_by_device INTEGER;
+    CREATE TABLE pending_link (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        private_key_pem BLOB NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    """,
 )
 
 
@@ -264,6 +274,22 @@ class WalletStore:
             ),
         )
 
+    def save_pending_link(self, conn: sqlite3.Connection, private_key_pem: bytes) -> None:
+        """Keep the ephemeral private key of a link request until the link is finished."""
+        conn.execute(
+            "INSERT INTO pending_link (id, private_key_pem, created_at) VALUES (1, ?, ?)",
+            (private_key_pem, utc_now_text()),
+        )
+
+    def pending_link(self) -> bytes | None:
+        """The private key of this folder's open link request, or None if there is none."""
+        row = self._db.execute("SELECT private_key_pem FROM pending_link WHERE id = 1").fetchone()
+        return bytes(row[0]) if row else None
+
+    def clear_pending_link(self, conn: sqlite3.Connection) -> None:
+        """Forget the link request's key (in the transaction that stores the linked account)."""
+        conn.execute("DELETE FROM pending_link WHERE id = 1")
+
     def account(self) -> Account | None:
         """This wallet's account, or None before the wallet is registered."""
         row = self._db.execute(
@@ -288,6 +314,14 @@ class WalletStore:
             (counter, first + count),
         )
         return first
+
+    def skip_ids_through(self, conn: sqlite3.Connection, counter: str, last: int) -> None:
+        """Make sure a named counter never hands out ``last`` or an id below it."""
+        conn.execute(
+            "INSERT INTO counters (name, next_value) VALUES (?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET next_value = max(next_value, excluded.next_value)",
+            (counter, last + 1),
+        )
 
     # -- libsignal records ---------------------------------------------------------------
 

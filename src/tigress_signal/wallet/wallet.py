@@ -3,6 +3,10 @@
 :meth:`Wallet.create` registers a new wallet with an intermediary (identity, prekeys, account);
 :meth:`Wallet.open` opens an existing one. Either way the wallet holds the folder's process lock
 until :meth:`Wallet.aclose`.
+
+A second device joins an existing account in three steps (see :mod:`.linking`):
+:meth:`Wallet.link_request` on the new device, :meth:`Wallet.answer_link` on an existing one,
+:meth:`Wallet.finish_link` on the new device again.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
@@ -23,8 +28,16 @@ from tigress_signal.bridge.signal_cli_client import SignalCliClient
 from tigress_signal.bridge.signal_cli_dbus import SignalCliDbusClient
 from tigress_signal.bridge.signal_cli_jsonrpc import SignalCliJsonRpcClient
 from tigress_signal.channel import CredentialChannel
-from tigress_signal.errors import ConfigError, NoSession, StoreError, TigressSignalError
+from tigress_signal.errors import (
+    ConfigError,
+    InvalidLinkAnswer,
+    InvalidLinkCode,
+    NoSession,
+    StoreError,
+    TigressSignalError,
+)
 from tigress_signal.intermediary.client import IntermediaryClient
+from tigress_signal.intermediary.entities import DeviceInfo
 from tigress_signal.shares.service import ShareService
 from tigress_signal.wallet.config import (
     CONFIG_NAME,
@@ -35,6 +48,14 @@ from tigress_signal.wallet.config import (
     load_wallet_config,
     save_wallet_config,
     selfhosted_settings,
+)
+from tigress_signal.wallet.linking import (
+    LinkSecrets,
+    make_link_request,
+    open_link_answer,
+    parse_link_request,
+    request_of,
+    seal_link_answer,
 )
 from tigress_signal.wallet.prekeys import refill_prekeys
 from tigress_signal.wallet.store import DATABASE_NAME, LOCK_NAME, Account, WalletStore
@@ -89,7 +110,9 @@ class Wallet:
                 store, bridge, client, account, on_connect=self._maintain_prekeys
             )
         self.channel: CredentialChannel = channel
-        self.shares = ShareService(store, self.channel)
+        self.shares = ShareService(
+            store, self.channel, device_id=account.device_id if account is not None else 1
+        )
 
     async def _maintain_prekeys(self) -> None:
         # Checked on every (re)connect: a wallet that was offline may have been drained.
@@ -242,6 +265,11 @@ class Wallet:
         bridge = LibsignalBridge(record_source=store)
         try:
             account = store.account()
+            if account is None and store.pending_link() is not None:
+                raise StoreError(
+                    f"{path} is waiting to be linked to an account",
+                    hint="finish with 'wallet link-finish' and the existing device's answer",
+                )
             if account is None:
                 raise StoreError(f"{path} is not registered; run 'wallet init' again")
             config = load_wallet_config(path)
@@ -254,6 +282,234 @@ class Wallet:
             store.close()
             raise
         return cls(path, store, config, account, bridge, client)
+
+    # -- devices of this account ----------------------------------------------------------
+
+    @classmethod
+    async def link_request(cls, folder: Path | str) -> LinkRequestLine:
+        """Make ``folder`` a new device waiting to be linked, and return its link request.
+
+        The folder holds only the request's ephemeral private key until :meth:`finish_link`.
+
+        Raises:
+            ConfigError: ``folder`` is not new or empty.
+        """
+        path = Path(folder)
+        if (path / DATABASE_NAME).exists():
+            raise ConfigError(
+                f"{path} already holds a wallet or a link request",
+                hint="use a new folder, or show a waiting folder's request again with --show",
+            )
+        created = _claim_new_folder(path)
+        try:
+            with WalletStore.open(path) as store:
+                line, private_pem, check_code = make_link_request()
+                with store.transaction() as conn:
+                    store.save_pending_link(conn, private_pem)
+        except BaseException:
+            _remove_if_created(path, created)
+            raise
+        log.info("wallet %s waits to be linked to an account", path)
+        return LinkRequestLine(line, check_code)
+
+    @staticmethod
+    def pending_link_request(folder: Path | str) -> LinkRequestLine:
+        """The link request of a folder still waiting to be linked (to show it again).
+
+        Raises:
+            StoreError: the folder is not waiting to be linked.
+        """
+        path = Path(folder)
+        with WalletStore.open(path, create=False) as store:
+            private_pem = store.pending_link()
+            if private_pem is None or store.account() is not None:
+                raise StoreError(f"{path} is not waiting to be linked")
+        return LinkRequestLine(*request_of(private_pem))
+
+    async def answer_link(self, request: str) -> LinkAnswerLine:
+        """Answer a new device's link request: a one-time link code and this account's identity
+        key pair, encrypted to the request's key.
+
+        Warning:
+            The answer gives its reader this account's identity. Only answer a request the
+            user made on their own new device, and paste the answer only there.
+
+        Raises:
+            InvalidLinkRequest: ``request`` is not a valid link request (checked before the
+                intermediary is asked for a code).
+            ConfigError: this wallet's account is held by signal-cli.
+            ServerApiError: the intermediary would not issue a code.
+        """
+        account = self.account
+        client = self._require_client()
+        parsed = parse_link_request(request)
+        code = await client.issue_link_code()
+        answer = seal_link_answer(
+            parsed,
+            LinkSecrets(
+                server_url=self.config.server_url(),
+                account_id=account.account_id,
+                identity_key_pair=account.identity_key_pair,
+                identity_public_key=account.identity_public_key,
+                link_code=code.verification_code,
+                code_expires_at=code.expires_at,
+                trust_policy=self.config.trust_policy,
+            ),
+        )
+        log.info("answered link request %s for account %s", parsed.check_code, account.account_id)
+        return LinkAnswerLine(answer, parsed.check_code, code.expires_at)
+
+    @classmethod
+    async def finish_link(cls, folder: Path | str, answer: str) -> Wallet:
+        """Link the device waiting in ``folder`` with an existing device's answer, and open it.
+
+        The device makes its own registration id, signed prekey and last-resort Kyber key,
+        signed with the account's identity key; stores their private halves; links itself at
+        the intermediary; stores its device id and password with the account; and publishes
+        one-time prekeys. Until the intermediary has linked it, the folder stays waiting, so a
+        refused answer can be followed by a fresh one.
+
+        Raises:
+            StoreError: the folder is not waiting to be linked.
+            InvalidLinkAnswer: the answer is damaged, for another request, expired or used.
+            ServerApiError: the intermediary refused the link otherwise (device limit, ...).
+        """
+        path = Path(folder)
+        started = time.perf_counter()
+        store = WalletStore.open(path, create=False)
+        bridge = LibsignalBridge(record_source=store)
+        client: IntermediaryClient | None = None
+        try:
+            if store.account() is not None:
+                raise StoreError(f"{path} is already linked to an account")
+            private_pem = store.pending_link()
+            if private_pem is None:
+                raise StoreError(
+                    f"{path} is not waiting to be linked",
+                    hint="run 'wallet link-request' for a new folder first",
+                )
+            secrets = open_link_answer(answer, private_pem)
+            if secrets.code_expires_at <= int(time.time() * 1000):
+                raise InvalidLinkAnswer("the link answer's code has expired")
+            config = WalletConfig(
+                trust_policy=_trust_policy(secrets.trust_policy),
+                selfhosted=selfhosted_settings(secrets.server_url),
+            )
+
+            # This device's own registration id (the identity made alongside is not used:
+            # every device of the account speaks with the account's identity).
+            await bridge.start()
+            registration_id = (await bridge.generate_identity()).registration_id
+            await bridge.open(
+                identity_key_pair=secrets.identity_key_pair,
+                registration_id=registration_id,
+                address=ProtocolAddress(_UNREGISTERED, 1),
+                trust_policy=config.trust_policy,
+                last_resort_kyber_ids=[LAST_RESORT_KYBER_ID],
+            )
+
+            # Private halves first, as at registration; the sidecar signs with the identity.
+            now_ms = int(time.time() * 1000)
+            signed = await bridge.generate_signed_prekey(FIRST_SIGNED_PREKEY_ID, now_ms)
+            (last_resort,) = await bridge.generate_kyber_prekeys(LAST_RESORT_KYBER_ID, 1, now_ms)
+            with store.transaction() as conn:
+                store.apply_changes(
+                    conn,
+                    [
+                        RecordChange("signed_prekey", str(signed.key_id), signed.record),
+                        RecordChange(
+                            "kyber_prekey", str(LAST_RESORT_KYBER_ID), last_resort.record
+                        ),
+                    ],
+                )
+                # One-time Kyber keys must never take the last-resort key's id.
+                store.skip_ids_through(conn, "kyber_prekey", LAST_RESORT_KYBER_ID)
+
+            # Link; from here on the intermediary knows this device.
+            client = IntermediaryClient(config.server_url(), keepalive=config.keepalive())
+            try:
+                linked = await client.link_device(
+                    verification_code=secrets.link_code,
+                    registration_id=registration_id,
+                    signed_prekey=signed.public(),
+                    pq_last_resort_prekey=last_resort.public(),
+                )
+            except InvalidLinkCode as exc:
+                raise InvalidLinkAnswer(
+                    "the intermediary refused the answer's link code: it was used or expired"
+                ) from exc
+            if linked.uuid != secrets.account_id:
+                raise InvalidLinkAnswer(
+                    f"the intermediary linked this device to account {linked.uuid}, not to"
+                    f" {secrets.account_id} as the answer says",
+                    hint="check that the existing device and this one use the same server",
+                )
+            account = Account(
+                account_id=linked.uuid,
+                device_id=linked.device_id,
+                password=linked.password,
+                identity_key_pair=secrets.identity_key_pair,
+                identity_public_key=secrets.identity_public_key,
+                registration_id=registration_id,
+            )
+            # The configuration first: should storing the account fail, the folder is still
+            # only waiting (a wallet.toml without an account opens as "waiting to be linked").
+            save_wallet_config(path, config)
+            try:
+                with store.transaction() as conn:
+                    store.save_account(conn, account)
+                    store.clear_pending_link(conn)
+            except BaseException:
+                (path / CONFIG_NAME).unlink(missing_ok=True)
+                raise
+
+            # One-time prekeys; if the server is unreachable now, the next connect refills.
+            client.authenticate(account.account_id, account.device_id, account.password)
+            try:
+                await refill_prekeys(store, bridge, client)
+            except TigressSignalError as exc:
+                log.warning("linked, but no one-time prekeys uploaded yet: %s", exc.user_message())
+        finally:
+            if client is not None:
+                await client.aclose()
+            await bridge.aclose()
+            store.close()
+        log.info(
+            "wallet %s linked as device %d of account %s (%.0f ms)",
+            path,
+            account.device_id,
+            account.account_id,
+            (time.perf_counter() - started) * 1000,
+        )
+        return await cls.open(path)
+
+    async def devices(self) -> list[DeviceInfo]:
+        """This account's devices at the intermediary (``id``, ``registration_id``, ``created``).
+
+        Raises:
+            ConfigError: this wallet's account is held by signal-cli.
+        """
+        return await self._require_client().list_devices()
+
+    async def remove_device(self, device_id: int) -> None:
+        """Remove a device from this account (the primary device 1 may remove any other; a
+        device may remove itself, after which this wallet can no longer connect).
+
+        Raises:
+            ConfigError: this wallet's account is held by signal-cli.
+            ServerApiError: refused (403 for the primary device or without the right; 404 for
+                no such device).
+        """
+        await self._require_client().remove_device(device_id)
+        log.info("removed device %d from account %s", device_id, self.account_id)
+
+    def _require_client(self) -> IntermediaryClient:
+        if self._client is None:
+            raise ConfigError(
+                f"the wallet in {self.folder} has its Signal account in signal-cli",
+                hint="link devices with signal-cli itself",
+            )
+        return self._client
 
     async def safety_number(self, peer: str) -> SafetyNumber:
         """The safety number of this wallet's identity and a peer's, as both sides compute it.
@@ -349,6 +605,47 @@ class Wallet:
         traceback: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class LinkRequestLine:
+    """A new device's link request, as the user copies it.
+
+    Attributes:
+        line: the request, one line of text.
+        check_code: its fingerprint, to compare with what the existing device shows.
+    """
+
+    line: str
+    check_code: str
+
+
+@dataclass(frozen=True, slots=True)
+class LinkAnswerLine:
+    """An existing device's answer to a link request.
+
+    Attributes:
+        line: the answer, one line of text (it carries the account's identity: a secret).
+        check_code: the fingerprint of the request it answers.
+        expires_at: when its link code expires, in milliseconds since the epoch.
+    """
+
+    line: str
+    check_code: str
+    expires_at: int
+
+    def __repr__(self) -> str:
+        return f"LinkAnswerLine(check_code={self.check_code!r}, expires_at={self.expires_at})"
+
+
+def _trust_policy(value: str) -> TrustPolicy:
+    for policy in _TRUST_POLICIES:
+        if value == policy:
+            return policy
+    raise InvalidLinkAnswer(f"the link answer names an unknown trust policy {value!r}")
+
+
+_TRUST_POLICIES: tuple[TrustPolicy, ...] = ("tofu", "always", "verify")
 
 
 def signal_cli_client(config: WalletConfig) -> SignalCliClient:
