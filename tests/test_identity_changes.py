@@ -245,3 +245,41 @@ async def test_tofu_trusts_first_contact_without_asking(tmp_path, server):
         await completed_share(alice, bob, b"first")
         identity = alice.wallet.peer_identity(bob.id)
         assert identity.can_send and not identity.changed and not identity.verified
+
+
+async def test_kept_messages_of_a_trusted_peer_are_processed_at_the_next_start(tmp_path, server):
+    async with two_parties(tmp_path, server, "tofu") as (alice, bob):
+        await completed_share(alice, bob, b"before")
+        await bob.reinstall()
+        offer = await bob.wallet.shares.offer_provisioning(alice.id, token(b"kept"), title="n")
+        await until(lambda: len(alice.wallet.store.held_envelopes(bob.id)) == 1)
+
+        # The trust is stored, but the process stops before the kept message is processed
+        # (its channel is closed already, so nothing is taken up).
+        await alice.stop()
+        assert await alice.wallet.trust(bob.id) == 0
+        assert len(alice.wallet.store.held_envelopes(bob.id)) == 1
+        assert offer.share_id not in received_shares(alice)
+
+        # The next start takes it up, once.
+        await alice.reopen()
+        await alice.wallet.shares.wait_for(offer.share_id, [ShareState.OFFERED], WAIT)
+        assert alice.wallet.store.held_envelopes() == []
+        await alice.wallet.shares.accept(offer.share_id)
+        await bob.wallet.shares.wait_for(offer.share_id, [ShareState.ACCEPTED], WAIT)
+        assert [c.content for c in alice.wallet.shares.credentials()] == [b"kept"]
+
+
+async def test_kept_messages_are_processed_in_the_order_they_arrived(tmp_path, server):
+    async with two_parties(tmp_path, server, "tofu") as (alice, bob):
+        await completed_share(alice, bob, b"before")
+        await bob.reinstall()
+        # An offer, then its cancellation: taken the other way round, the cancel would be
+        # refused (no such share yet) and the offer would stay open.
+        offer = await bob.wallet.shares.offer_provisioning(alice.id, token(b"x"), title="n")
+        await bob.wallet.shares.cancel(offer.share_id)
+        await until(lambda: len(alice.wallet.store.held_envelopes(bob.id)) == 2)
+
+        assert await alice.wallet.trust(bob.id) == 2
+        assert alice.wallet.shares.share(offer.share_id).state is ShareState.CANCELLED
+        assert alice.wallet.store.held_envelopes() == []
