@@ -152,3 +152,25 @@ async def test_a_client_without_credentials_cannot_register_again(server):
                 signed_prekey=fresh.signed_prekey(),
                 pq_last_resort_prekey=fresh.kyber_prekey(),
             )
+
+
+async def test_registering_again_is_rate_limited_per_account(tmp_path):
+    rate = {"burst": 2, "per_second": 0.001}
+    async with running_server(tmp_path, account_creation_rate=rate) as server:
+        bob = await register(server.url)
+        statuses = []
+        try:
+            async with raw_client(server.url) as http:
+                auth = bob.auth
+                for _ in range(3):
+                    response = await http.put(
+                        "/v1/accounts/identity", json=new_keys().account_body(), auth=auth
+                    )
+                    statuses.append(response.status_code)
+                    if response.status_code == 200:
+                        auth = (auth[0], response.json()["password"])
+        finally:
+            await bob.client.aclose()
+    assert statuses == [200, 200, 429]
+    assert_error_body(response, 429)
+    assert "retry-after" in response.headers

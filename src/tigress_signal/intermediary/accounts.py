@@ -23,6 +23,7 @@ same on re-registration, and the choices follow it where they apply:
   cannot decrypt (Signal-Server clears the queue too). Their senders are not told; their
   wallets learn about the change from the 410 (stale device) answer to their next send.
 * Open WebSockets of the account's devices are closed with 4401, like a removed device's.
+* It is rate-limited per account with the account-creation limit (429 with Retry-After).
 """
 
 from __future__ import annotations
@@ -137,6 +138,9 @@ async def replace_identity(request: Request) -> Response:
     device = await context.authenticate(request)
     if device.device_id != PRIMARY_DEVICE_ID:
         raise ApiError(403, "forbidden", "only the primary device may register the account again")
+    # As costly as a creation (a password hash, two signature checks): the same limit, per
+    # account, so that one account cannot spend the server's hashing time in a loop.
+    context.limiter.check("account_creation", f"identity:{device.uuid}")
     body = await read_entity(request, AccountCreateRequest, context.config.max_body_bytes)
     await check_prekey_signatures(
         context.verifier,
