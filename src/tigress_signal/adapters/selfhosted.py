@@ -52,6 +52,7 @@ from tigress_signal.errors import (
     ServerApiError,
     SignalProtocolError,
     StaleDevices,
+    StoreError,
     TigressSignalError,
     UnknownPeer,
     UntrustedIdentity,
@@ -458,15 +459,20 @@ class SelfHostedChannel(CredentialChannel):
     ) -> None:
         """Keep an envelope whose sender is not trusted; stored first, then acknowledged."""
         peer = envelope.source_uuid or ""
-        with self._store.transaction() as conn:
-            self._store.hold_envelope(
-                conn,
-                HeldEnvelope(
-                    envelope.guid, peer, envelope.source_device, message_type, envelope.content
-                ),
-            )
-            if identity_key is not None:
-                self._store.note_identity_seen(conn, peer, identity_key)
+        try:
+            with self._store.transaction() as conn:
+                self._store.hold_envelope(
+                    conn,
+                    HeldEnvelope(
+                        envelope.guid, peer, envelope.source_device, message_type, envelope.content
+                    ),
+                )
+                if identity_key is not None:
+                    self._store.note_identity_seen(conn, peer, identity_key)
+        except StoreError as exc:
+            # Not acknowledged: the intermediary keeps it and delivers it again.
+            log.warning("could not keep envelope %s from %s now: %s", envelope.guid, peer, exc)
+            return
         log.warning(
             "kept envelope %s from %s until its identity key is trusted", envelope.guid, peer
         )
