@@ -287,3 +287,22 @@ async def test_kept_messages_are_processed_in_the_order_they_arrived(tmp_path, s
         assert await alice.wallet.trust(bob.id) == 2
         assert alice.wallet.shares.share(offer.share_id).state is ShareState.CANCELLED
         assert alice.wallet.store.held_envelopes() == []
+
+
+async def test_reset_identity_waits_for_an_empty_outbox(tmp_path, server):
+    async with two_parties(tmp_path, server, "tofu") as (alice, bob):
+        await bob.stop()
+        before = bob.wallet.account
+        with bob.wallet.store.transaction() as conn:
+            conn.execute(
+                "INSERT INTO outbox (message_id, share_id, peer, wire, created_at)"
+                " VALUES ('m', 's', ?, x'00', '2026-01-01T00:00:00+00:00')",
+                (alice.id,),
+            )
+        with pytest.raises(ConfigError, match="outbox"):
+            await bob.wallet.reset_identity()
+        assert bob.wallet.account == before
+        with bob.wallet.store.transaction() as conn:
+            conn.execute("DELETE FROM outbox")
+        await bob.reopen()
+        await completed_share(alice, bob, b"old identity still works")

@@ -529,7 +529,10 @@ class SelfHostedChannel(CredentialChannel):
                     held.content,
                 )
             except UntrustedIdentity as exc:
-                if exc.identity_key is not None:
+                # Still refused: the sender's key changed again after the one the user trusted
+                # (or was never trusted). A key still waiting for the user's decision was seen
+                # later than this envelope's, so only an empty slot takes this one.
+                if exc.identity_key is not None and self._store.identity_seen(held.peer) is None:
                     with self._store.transaction() as conn:
                         self._store.note_identity_seen(conn, held.peer, exc.identity_key)
                 return None

@@ -11,8 +11,9 @@ Peers notice at their next send: the server answers 410 (the registration id cha
 wallet fetches the new bundle and meets the new identity key, which their trust policy then
 accepts (``always``) or refuses until their user trusts it (``tofu``, ``verify``).
 
-What is kept: shares, received credentials, the outbox, and the keys this wallet trusts for its
-peers (a reinstall would lose them; keeping them spares the user trusting everyone again).
+What is kept: shares, received credentials and the keys this wallet trusts for its peers (a
+reinstall would lose them; keeping them spares the user trusting everyone again). The outbox
+must be empty: its messages are sealed with sessions of the old identity.
 
 Warning:
     The server shows the new password once. If the process dies after the server accepted and
@@ -28,6 +29,7 @@ import time
 
 from tigress_signal.bridge.libsignal import LibsignalBridge, ProtocolAddress
 from tigress_signal.bridge.records import RecordChange
+from tigress_signal.errors import ConfigError
 from tigress_signal.intermediary.client import IntermediaryClient
 from tigress_signal.wallet.config import WalletConfig
 from tigress_signal.wallet.store import Account, WalletStore
@@ -60,10 +62,19 @@ async def reset_identity(
         last_resort_kyber_id: the id of the new last-resort Kyber key.
 
     Raises:
+        ConfigError: sealed messages still wait in the outbox; nothing changed.
         ServerApiError: the intermediary refused (403 from a linked device, for instance);
             nothing changed in the wallet then.
         BridgeError: the sidecar failed.
     """
+    # Messages in the outbox were sealed with the old identity's sessions; once delivered, a
+    # peer that has trusted the new key would keep them unread, in front of everything newer.
+    waiting = int(store.connection.execute("SELECT count(*) FROM outbox").fetchone()[0])
+    if waiting:
+        raise ConfigError(
+            f"{waiting} message(s) sealed with the current identity wait in the outbox",
+            hint="deliver them first (tigress-signal sync), then register again",
+        )
     started = time.perf_counter()
     address = ProtocolAddress(account.account_id, account.device_id)
     identity = await bridge.generate_identity()

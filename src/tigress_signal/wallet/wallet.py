@@ -320,7 +320,8 @@ class Wallet:
         the identity is being replaced could be lost.
 
         Raises:
-            ConfigError: the wallet's account is held by signal-cli.
+            ConfigError: the wallet's account is held by signal-cli, or messages wait in the
+                outbox (deliver them first).
             ServerApiError: the intermediary refused; the wallet is unchanged.
         """
         bridge, account = self._own_identity()
