@@ -301,8 +301,8 @@ class DecryptResult:
     Attributes:
         plaintext: the message.
         changes: records to commit together with the message's effect.
-        identity_changes: peers whose identity key differed from the stored one (the message
-            was still accepted; sending to the new key stays refused under ``tofu``).
+        identity_changes: peers whose identity key differed from the stored one (only under
+            ``always``, which accepts and stores the new key; the other policies refuse it).
     """
 
     plaintext: bytes = field(repr=False)
@@ -600,6 +600,8 @@ class LibsignalBridge:
             InvalidMessage: the message is malformed or tampered with.
             NoSession: a Whisper message arrived with no session to decrypt it.
             UnknownPreKey: a PreKey message names a prekey this wallet does not hold.
+            UntrustedIdentity: the sender's identity key is not the trusted one (``tofu``,
+                ``verify``); its ``identity_key`` is the refused key. Nothing changed.
         """
         params = {
             "address": address.to_json(),
