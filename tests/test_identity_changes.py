@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,12 @@ async def until(condition: object) -> None:
     async with asyncio.timeout(WAIT):
         while not condition():  # type: ignore[operator]  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+
+
+def waiting_at_server(tmp_path: Path, account: str) -> int:
+    with contextlib.closing(sqlite3.connect(tmp_path / "server.db")) as db:
+        row = db.execute("SELECT count(*) FROM messages WHERE account_uuid = ?", (account,))
+        return int(row.fetchone()[0])
 
 
 def received_shares(party: Party) -> list[str]:
@@ -283,6 +290,8 @@ async def test_kept_messages_are_processed_in_the_order_they_arrived(tmp_path, s
         offer = await bob.wallet.shares.offer_provisioning(alice.id, token(b"x"), title="n")
         await bob.wallet.shares.cancel(offer.share_id)
         await until(lambda: len(alice.wallet.store.held_envelopes(bob.id)) == 2)
+        # Kept by the wallet, so no longer stored at the intermediary.
+        await until(lambda: waiting_at_server(tmp_path, alice.id) == 0)
 
         assert await alice.wallet.trust(bob.id) == 2
         assert alice.wallet.shares.share(offer.share_id).state is ShareState.CANCELLED
