@@ -398,7 +398,17 @@ async function withCallStores(me, out, operation) {
     signedPreKey: new CallSignedPreKeyStore(records),
     kyberPreKey: new CallKyberPreKeyStore(records, me),
   };
-  const result = await operation(stores);
+  let result;
+  try {
+    result = await operation(stores);
+  } catch (err) {
+    // The key the trust policy refused travels with the error, so the wallet can remember it
+    // as the newest key seen for the peer and show its safety number.
+    if (records.refusedIdentity !== null && err !== null && typeof err === 'object') {
+      err.refusedIdentity = records.refusedIdentity;
+    }
+    throw err;
+  }
   const changes = records.commit().map((c) => ({
     kind: c.kind,
     key: c.key,
@@ -573,12 +583,17 @@ function errorAnswer(err, params) {
   if (message.length > 500) {
     message = message.slice(0, 500);
   }
-  return {
+  const answer = {
     kind,
     message,
     code: err instanceof S.LibSignalErrorBase ? err.code : null,
     peer,
   };
+  if (kind === 'untrusted_identity' && err?.refusedIdentity !== undefined) {
+    // A public key, not a secret: the peer publishes it with every bundle.
+    answer.identityKey = toBase64(err.refusedIdentity.key);
+  }
+  return answer;
 }
 
 // -- input -------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import * as S from '@signalapp/libsignal-client';
 
 // Kinds whose absence, once learnt from Python, is remembered. A missing prekey is asked for
 // again each time, because the wallet may store a freshly generated key after a failed lookup.
-const REMEMBER_ABSENT = new Set(['session', 'identity', 'kyber_used']);
+const REMEMBER_ABSENT = new Set(['session', 'identity', 'verified_identity', 'kyber_used']);
 
 // Text our own store errors carry, matched by the error classifier in sidecar.mjs.
 export const MISSING_RECORD = 'tigress: no such record';
@@ -109,6 +109,7 @@ export class CallRecords {
     this.cache = cache;
     this.writes = new Map(); // cacheKey -> {kind, key, value, object}
     this.events = [];
+    this.refusedIdentity = null; // {peer, key}: the last identity key the trust policy refused
   }
 
   async getObject(kind, key, parse) {
@@ -187,13 +188,19 @@ export class CallSessionStore extends S.SessionStore {
 /**
  * The local identity plus the peers' identity keys, with the trust policy applied.
  *
- * The `identity` record holds the key this wallet trusts for a peer. Policies:
- * - `tofu` and `verify`: the first key seen is trusted and stored. A different key is accepted
- *   when receiving (the message decrypts, an identity_changed event is emitted) but is NOT
- *   stored, so sending to it stays refused (untrusted_identity) until the wallet stores the new
- *   key itself and evicts the cached copy. `verify` does not yet differ from `tofu`.
- * - `always`: every key is trusted; a different key replaces the stored one and still emits
- *   identity_changed.
+ * The `identity` record holds the key this wallet trusts for a peer; the `verified_identity`
+ * record, written only by the wallet when its user runs `trust`, the key the user confirmed.
+ * Policies:
+ * - `always`: every key is trusted both ways; a different key replaces the stored one and
+ *   emits identity_changed.
+ * - `tofu`: the first key seen (either way) is trusted and stored. A different key is refused
+ *   both ways (untrusted_identity), so neither a message from it is decrypted nor one to it
+ *   encrypted, until the wallet stores the new key itself and evicts the cached copy.
+ * - `verify`: as `tofu` for receiving (the first key seen may deliver, so an offer can arrive
+ *   before the user has compared safety numbers); sending needs the key to equal the
+ *   `verified_identity` record, even on first contact.
+ * A refused key is kept on the call (`refusedIdentity`) so the error can name it: the wallet
+ * remembers it as the newest key seen for the peer.
  */
 export class CallIdentityStore extends S.IdentityKeyStore {
   constructor(records, local) {
@@ -220,14 +227,24 @@ export class CallIdentityStore extends S.IdentityKeyStore {
   }
 
   async isTrustedIdentity(address, key, direction) {
-    const stored = await this.records.get('identity', address.name());
-    if (stored === null || sameBytes(stored, key.serialize())) {
+    const trusted = await this.trusts(address.name(), key.serialize(), direction);
+    if (!trusted) {
+      this.records.refusedIdentity = { peer: address.name(), key: key.serialize() };
+    }
+    return trusted;
+  }
+
+  async trusts(name, offered, direction) {
+    const policy = this.local.trustPolicy;
+    if (policy === 'always') {
       return true;
     }
-    if (this.local.trustPolicy === 'always') {
-      return true;
+    if (policy === 'verify' && direction === S.Direction.Sending) {
+      const verified = await this.records.get('verified_identity', name);
+      return verified !== null && sameBytes(verified, offered);
     }
-    return direction === S.Direction.Receiving;
+    const stored = await this.records.get('identity', name);
+    return stored === null || sameBytes(stored, offered);
   }
 
   async saveIdentity(address, key) {
@@ -241,12 +258,11 @@ export class CallIdentityStore extends S.IdentityKeyStore {
     if (sameBytes(stored, offered)) {
       return S.IdentityChange.NewOrUnchanged;
     }
+    // Only `always` gets here with a different key (the others refused it as untrusted); a
+    // `verify` wallet whose user verified a key that differs from the stored one also does.
     this.records.identityChanged(name);
-    if (this.local.trustPolicy === 'always') {
-      this.records.put('identity', name, offered);
-      return S.IdentityChange.ReplacedExisting;
-    }
-    return S.IdentityChange.NewOrUnchanged;
+    this.records.put('identity', name, offered);
+    return S.IdentityChange.ReplacedExisting;
   }
 }
 

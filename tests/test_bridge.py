@@ -244,23 +244,29 @@ async def test_untrusted_identity_when_the_peer_reinstalls_under_tofu(
     with pytest.raises(UntrustedIdentity) as caught:
         await alice.bridge.process_prekey_bundle(new_bob.address, new_bob.bundle())
     assert caught.value.peer == "bob"
+    assert caught.value.identity_key == new_bob.identity.public_key
     assert alice.records.get("identity", "bob") == bob.identity.public_key
 
     # The old session still works and the old key is still the trusted one.
     await send(alice, bob, b"still to the old key")
 
-    # Receiving from the new key is accepted and reported, but sending to it stays refused.
+    # A message from the new key is refused too, naming the key, and changes nothing.
     await start_session(new_bob, alice.bundle(), alice)
-    _, received = await send(new_bob, alice, b"it's me, new phone")
-    assert received.identity_changes == (IdentityChanged("bob"),)
-    assert ("identity", "bob") not in changed(received)
+    from_new = await new_bob.bridge.encrypt(alice.address, b"it's me, new phone")
+    new_bob.records.apply(from_new.changes)
     with pytest.raises(UntrustedIdentity) as caught:
-        await alice.bridge.encrypt(new_bob.address, b"to the new key")
+        await alice.bridge.decrypt(new_bob.address, from_new.message_type, from_new.ciphertext)
     assert caught.value.peer == "bob"
+    assert caught.value.identity_key == new_bob.identity.public_key
+    assert alice.records.get("identity", "bob") == bob.identity.public_key
 
     # After comparing safety numbers the wallet trusts the new key: store it, evict the cache.
+    # The refused message then decrypts, once.
     alice.records.apply([RecordChange("identity", "bob", new_bob.identity.public_key)])
     await alice.bridge.evict([("identity", "bob")])
+    kept = await alice.bridge.decrypt(new_bob.address, from_new.message_type, from_new.ciphertext)
+    alice.records.apply(kept.changes)
+    assert kept.plaintext == b"it's me, new phone"
     await send(alice, new_bob, b"now trusted")
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from tigress_signal.bridge.records import RecordChange
 from tigress_signal.errors import StoreError, StoreLocked
-from tigress_signal.wallet.store import WalletStore
+from tigress_signal.wallet.store import HeldEnvelope, WalletStore
 
 
 def test_records_are_written_and_deleted_in_one_transaction(tmp_path):
@@ -106,3 +106,21 @@ def test_database_file_is_private(tmp_path):
     with WalletStore.open(tmp_path / "w"):
         mode = (tmp_path / "w" / "wallet.sqlite3").stat().st_mode & 0o777
     assert mode == 0o600
+
+
+def test_held_envelopes_are_kept_once_in_order_across_reopen(tmp_path):
+    with WalletStore.open(tmp_path / "w") as store, store.transaction() as conn:
+        for guid, peer in (("e1", "bob"), ("e2", "carol"), ("e3", "bob"), ("e1", "bob")):
+            store.hold_envelope(conn, HeldEnvelope(guid, peer, 1, 3, guid.encode()))
+        store.note_identity_seen(conn, "bob", b"\x05old")
+        store.note_identity_seen(conn, "bob", b"\x05new")
+    with WalletStore.open(tmp_path / "w", create=False) as store:
+        assert [h.envelope_id for h in store.held_envelopes()] == ["e1", "e2", "e3"]
+        assert [h.content for h in store.held_envelopes("bob")] == [b"e1", b"e3"]
+        assert store.holds_for("bob") and not store.holds_for("dave")
+        assert store.identity_seen("bob") == b"\x05new"
+        assert store.identity_seen("carol") is None
+        with store.transaction() as conn:
+            store.release_held(conn, "e1")
+        assert [h.envelope_id for h in store.held_envelopes("bob")] == ["e3"]
+        assert not store.is_held("e1") and store.is_held("e3")

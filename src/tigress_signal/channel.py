@@ -139,6 +139,20 @@ class CredentialChannel(abc.ABC):
         acknowledged and dropped by the channel and never yielded.
         """
 
+    async def replay_held(self, peer: str | None = None) -> AsyncIterator[IncomingMessage]:
+        """Yield messages the channel kept because their sender's key was not trusted.
+
+        Called after the user trusts a key (and when the wallet starts): messages whose sender
+        is trusted now come out oldest first, each once, and are acknowledged or released like
+        :meth:`receive`'s. This default keeps nothing, so yields nothing: channels whose trust
+        decisions live elsewhere (signal-cli keeps its own) never hold a message back.
+
+        Args:
+            peer: only this sender's messages; every sender's when None.
+        """
+        for _ in ():
+            yield _
+
     @abc.abstractmethod
     async def acknowledge(self, incoming: IncomingMessage) -> None:
         """Tell the channel the message's effect is stored; it will not be delivered again."""

@@ -28,7 +28,7 @@ from tigress_signal.credentials import (
     provisioning_from_file,
 )
 from tigress_signal.credentials.messages import MAX_DEVICE_ID, describe_validation_error
-from tigress_signal.errors import ConfigError, TigressSignalError
+from tigress_signal.errors import ConfigError, TigressSignalError, UntrustedIdentity
 from tigress_signal.shares.service import DigitalKeyTerms, Share
 from tigress_signal.shares.states import ShareState
 from tigress_signal.signal_cli.commands import add_commands as add_signal_cli_commands
@@ -56,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         status: int = asyncio.run(args.run(args))
+    except UntrustedIdentity as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        print(_untrusted_hint(args, exc.peer), file=sys.stderr)
+        return EXIT_FAILED
     except TigressSignalError as exc:
         print(f"error: {exc.user_message()}", file=sys.stderr)
         return EXIT_FAILED
@@ -159,6 +163,12 @@ def _parser() -> argparse.ArgumentParser:
     remove.add_argument("--wallet", type=Path, required=True)
     remove.add_argument("device_id", type=_device_id, metavar="ID")
     remove.set_defaults(run=_wallet_remove_device)
+    reset = wallet.add_parser(
+        "reset-identity",
+        help="register the wallet's account again with a new identity key (as a reinstall does)",
+    )
+    reset.add_argument("folder", type=Path)
+    reset.set_defaults(run=_wallet_reset_identity)
 
     share = commands.add_parser("share", help="offer a credential to another wallet")
     share.add_argument("--wallet", type=Path, required=True)
@@ -215,6 +225,18 @@ def _parser() -> argparse.ArgumentParser:
     safety.add_argument("peer", metavar="ACCOUNT_ID")
     safety.add_argument("--no-qr", action="store_true", help="digits only, no QR code")
     safety.set_defaults(run=_safety_number)
+
+    trust = commands.add_parser(
+        "trust", help="trust a peer's current identity key, then process its kept messages"
+    )
+    trust.add_argument("--wallet", type=Path, required=True)
+    trust.add_argument("peer", metavar="ACCOUNT_ID")
+    trust.add_argument(
+        "--safety-number",
+        metavar="DIGITS",
+        help="the 60 digits compared with the peer; nothing is trusted unless they match",
+    )
+    trust.set_defaults(run=_trust)
 
     add_signal_cli_commands(commands)
 
@@ -489,6 +511,15 @@ async def _export(args: argparse.Namespace) -> int:
 async def _safety_number(args: argparse.Namespace) -> int:
     async with await Wallet.open(args.wallet) as wallet:
         number = await wallet.safety_number(args.peer)
+        identity = wallet.peer_identity(args.peer)
+    # The status goes to stderr so that stdout stays the number alone, for scripts.
+    print(f"{identity.status()}", file=sys.stderr)
+    if not identity.can_send:
+        print(
+            f"compare these digits with {args.peer}, then run:"
+            f" tigress-signal trust --wallet {args.wallet} {args.peer} --safety-number DIGITS",
+            file=sys.stderr,
+        )
     groups = [number.digits[i : i + 5] for i in range(0, len(number.digits), 5)]
     for row in range(0, len(groups), 4):
         print(" ".join(groups[row : row + 4]))
@@ -497,6 +528,38 @@ async def _safety_number(args: argparse.Namespace) -> int:
         code.add_data(number.scannable)
         code.print_ascii(out=sys.stdout, invert=True)
     return 0
+
+
+async def _trust(args: argparse.Namespace) -> int:
+    async with await Wallet.open(args.wallet) as wallet:
+        changed = wallet.peer_identity(args.peer).changed
+        processed = await wallet.trust(args.peer, args.safety_number)
+    print(f"trusted the {'new ' if changed else ''}identity key of {args.peer}")
+    print(f"processed {processed} kept message(s)")
+    return 0
+
+
+async def _wallet_reset_identity(args: argparse.Namespace) -> int:
+    async with await Wallet.open(args.folder) as wallet:
+        account = await wallet.reset_identity()
+    print(account.account_id)
+    print(
+        "registered again with a new identity key; peers will see that it changed",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _untrusted_hint(args: argparse.Namespace, peer: str) -> str:
+    folder = getattr(args, "wallet", None) or getattr(args, "folder", None) or "FOLDER"
+    who = peer or "PEER"
+    return (
+        f"hint: {who}'s identity key is new or changed and not trusted. Compare safety numbers"
+        f" with {who} in person:\n"
+        f"  tigress-signal safety-number --wallet {folder} {who}\n"
+        f"then, if they match:\n"
+        f"  tigress-signal trust --wallet {folder} {who} --safety-number DIGITS"
+    )
 
 
 async def _lock_owner_key(args: argparse.Namespace) -> int:

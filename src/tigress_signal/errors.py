@@ -52,6 +52,8 @@ so a caller only ever needs to catch :class:`TigressSignalError` or one of its b
     │   │   └── RelayRateLimited         429: slow down (has .retry_after)
     │   ├── InvalidShareLink             a share link that does not parse, or an untrusted relay
     │   └── PayloadRejected              a payload failed AES-GCM (tampered, replayed, reflected)
+    ├── TrustError                       trusting a peer's identity key (wallet/trust.py)
+    │   └── SafetyNumberMismatch         the digits given are not the peer's safety number
     ├── ShareError                       the share state machine (shares/)
     │   ├── UnknownShare                 no share with that id in this wallet
     │   ├── InvalidTransition            message does not fit the share's state
@@ -131,13 +133,18 @@ class UntrustedIdentity(SignalProtocolError):
 
     Attributes:
         peer: the peer's account id (the protocol address name).
+        identity_key: the refused identity public key, when the sidecar named it (a public
+            key, safe to store and show as a safety number).
     """
 
     hint = "compare safety numbers with the peer, then trust the new key"
 
-    def __init__(self, message: str, *, peer: str, **kwargs: object) -> None:
+    def __init__(
+        self, message: str, *, peer: str, identity_key: bytes | None = None, **kwargs: object
+    ) -> None:
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
         self.peer = peer
+        self.identity_key = identity_key
 
 
 class DuplicateMessage(SignalProtocolError):
@@ -463,6 +470,22 @@ class PayloadRejected(RelayError):
     In the hardened mode this is also what a payload replayed from earlier in the exchange, or
     reflected back to its writer, looks like: its associated data names another position.
     """
+
+
+# -- trust -----------------------------------------------------------------------------------
+
+
+class TrustError(TigressSignalError):
+    """Trusting a peer's identity key failed; nothing was stored."""
+
+
+class SafetyNumberMismatch(TrustError):
+    """The digits given are not the safety number of this wallet and the peer's newest key."""
+
+    hint = (
+        "compare the numbers again in person; if they really differ, do not trust this key"
+        " (someone may be in the middle)"
+    )
 
 
 # -- shares ----------------------------------------------------------------------------------

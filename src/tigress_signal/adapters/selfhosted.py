@@ -10,6 +10,12 @@ under the peer's lock and handed to the wallet with the records its decryption c
 lock is held until the wallet acknowledges (its effect is committed) or releases it, so no other
 operation for that peer can interleave with the session update.
 
+Identity changes: an envelope whose sender's identity key the trust policy refuses is kept in
+the wallet (``held_envelopes``, committed before the intermediary is told to delete it), and so
+is every later envelope of that sender, to keep their order; :meth:`SelfHostedChannel.replay_held`
+hands them out once the key is trusted. A refused key (from such an envelope or from a bundle)
+is remembered as the newest key seen for the peer, for its safety number.
+
 Devices: a peer is sent to on the devices its bundle listed at first contact; when the
 intermediary answers 409 (devices missing or extra) or 410 (devices registered again), delivery
 corrects the list, sets up sessions with the new devices and retries.
@@ -26,8 +32,14 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-from tigress_signal.bridge.libsignal import LibsignalBridge, ProtocolAddress
-from tigress_signal.bridge.records import RecordChange
+from tigress_signal.bridge.libsignal import (
+    EncryptResult,
+    LibsignalBridge,
+    PreKeyBundle,
+    ProtocolAddress,
+    SessionResult,
+)
+from tigress_signal.bridge.records import IdentityChanged, RecordChange
 from tigress_signal.channel import CredentialChannel, IncomingMessage, SealedMessage
 from tigress_signal.errors import (
     BridgeUnavailable,
@@ -40,12 +52,13 @@ from tigress_signal.errors import (
     ServerApiError,
     SignalProtocolError,
     StaleDevices,
+    StoreError,
     TigressSignalError,
     UnknownPeer,
     UntrustedIdentity,
 )
 from tigress_signal.intermediary.client import Envelope, IntermediaryClient, OutgoingMessage
-from tigress_signal.wallet.store import Account, WalletStore
+from tigress_signal.wallet.store import Account, HeldEnvelope, WalletStore
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +158,7 @@ class SelfHostedChannel(CredentialChannel):
                 devices = await self._start_sessions(peer, changes)
             messages: list[dict[str, object]] = []
             for device_id, registration_id in sorted(devices.items()):
-                result = await self._bridge.encrypt(ProtocolAddress(peer, device_id), payload)
+                result = await self._encrypt(ProtocolAddress(peer, device_id), payload)
                 changes.extend(result.changes)
                 envelope_type = (
                     _ENVELOPE_PREKEY
@@ -270,10 +283,8 @@ class SelfHostedChannel(CredentialChannel):
                     address = ProtocolAddress(peer, device_id)
                     # For a re-registered device libsignal archives the old session state and
                     # starts a new one from the fresh bundle.
-                    changes.extend(
-                        (await self._bridge.process_prekey_bundle(address, device)).changes
-                    )
-                    result = await self._bridge.encrypt(address, payload)
+                    changes.extend((await self._process_bundle(address, device)).changes)
+                    result = await self._encrypt(address, payload)
                     changes.extend(result.changes)
                     messages[device_id] = OutgoingMessage(
                         type=_ENVELOPE_PREKEY
@@ -313,7 +324,7 @@ class SelfHostedChannel(CredentialChannel):
         devices: dict[int, int] = {}
         for device in bundle.devices:
             address = ProtocolAddress(peer, device.device_id)
-            result = await self._bridge.process_prekey_bundle(address, device)
+            result = await self._process_bundle(address, device)
             changes.extend(result.changes)
             devices[device.device_id] = device.registration_id
         log.info("started a session with %s (%d device(s))", peer, len(devices))
@@ -374,6 +385,10 @@ class SelfHostedChannel(CredentialChannel):
             message_type = (
                 _LIBSIGNAL_PREKEY if envelope.type == _ENVELOPE_PREKEY else _LIBSIGNAL_WHISPER
             )
+            if self._store.holds_for(peer):
+                # Behind a held envelope of the same sender: keep the order, hold this one too.
+                await self._hold(envelope, message_type, ack, None)
+                return None
             try:
                 result = await self._bridge.decrypt(
                     ProtocolAddress(peer, envelope.source_device), message_type, envelope.content
@@ -382,9 +397,8 @@ class SelfHostedChannel(CredentialChannel):
                 log.info("dropped envelope %s from %s: already decrypted", envelope.guid, peer)
                 await ack()
                 return None
-            except UntrustedIdentity:
-                # Left stored at the intermediary, to be processed once the key is trusted.
-                log.warning("kept envelope %s from %s: identity not trusted", envelope.guid, peer)
+            except UntrustedIdentity as exc:
+                await self._hold(envelope, message_type, ack, exc.identity_key)
                 return None
             except BridgeUnavailable:
                 raise
@@ -392,6 +406,7 @@ class SelfHostedChannel(CredentialChannel):
                 log.warning("dropped envelope %s from %s: %s", envelope.guid, peer, exc)
                 await ack()
                 return None
+            _warn_identity_changes(result.identity_changes)
             incoming = IncomingMessage(
                 peer=peer,
                 payload=result.plaintext,
@@ -434,7 +449,156 @@ class SelfHostedChannel(CredentialChannel):
         """Stop receiving."""
         self._closed.set()
 
+    # -- envelopes held while a sender's identity key is not trusted ----------------------------
+
+    async def _hold(
+        self,
+        envelope: Envelope,
+        message_type: int,
+        ack: Callable[[], Awaitable[None]],
+        identity_key: bytes | None,
+    ) -> None:
+        """Keep an envelope whose sender is not trusted; stored first, then acknowledged."""
+        peer = envelope.source_uuid or ""
+        try:
+            with self._store.transaction() as conn:
+                self._store.hold_envelope(
+                    conn,
+                    HeldEnvelope(
+                        envelope.guid, peer, envelope.source_device, message_type, envelope.content
+                    ),
+                )
+                if identity_key is not None:
+                    self._store.note_identity_seen(conn, peer, identity_key)
+        except StoreError as exc:
+            # Not acknowledged: the intermediary keeps it and delivers it again.
+            log.warning("could not keep envelope %s from %s now: %s", envelope.guid, peer, exc)
+            return
+        log.warning(
+            "kept envelope %s from %s until its identity key is trusted", envelope.guid, peer
+        )
+        try:
+            await ack()
+        except (TigressSignalError, OSError) as exc:
+            # Stored already: a redelivered copy finds it held and is acknowledged then.
+            log.warning("could not acknowledge held envelope %s (%s)", envelope.guid, exc)
+
+    async def replay_held(self, peer: str | None = None) -> AsyncIterator[IncomingMessage]:
+        """Yield held envelopes whose sender's key is trusted now, oldest first per sender.
+
+        Each is decrypted once: one already processed is removed unread, and one handed out
+        leaves the held table only when :meth:`acknowledge` is called (after its effect is
+        committed). A sender whose key is still refused, or whose message was released, keeps
+        the rest of its envelopes held, in order, for a later call.
+        """
+        stopped: set[str] = set()
+        while not self._closed.is_set():
+            waiting = [h for h in self._store.held_envelopes(peer) if h.peer not in stopped]
+            if not waiting:
+                return
+            held = waiting[0]
+            incoming = await self._open_held(held)
+            if incoming is None:
+                if self._store.is_held(held.envelope_id):
+                    stopped.add(held.peer)
+                continue
+            yield incoming
+            if self._store.is_held(held.envelope_id):
+                stopped.add(held.peer)  # released, not acknowledged: try again another time
+
+    async def _open_held(self, held: HeldEnvelope) -> IncomingMessage | None:
+        """Decrypt one held envelope; None when it stays held or was removed."""
+        if held.envelope_id in self._in_flight:
+            return None
+        if self._store.envelope_seen(held.envelope_id):
+            self._drop_held(held.envelope_id)
+            return None
+        lock = self._lock(held.peer)
+        await lock.acquire()
+        handed_out = False
+        try:
+            # Another replay may have taken it while this one waited for the lock.
+            if held.envelope_id in self._in_flight or not self._store.is_held(held.envelope_id):
+                return None
+            if self._store.envelope_seen(held.envelope_id):
+                self._drop_held(held.envelope_id)
+                return None
+            try:
+                result = await self._bridge.decrypt(
+                    ProtocolAddress(held.peer, held.source_device),
+                    held.message_type,
+                    held.content,
+                )
+            except UntrustedIdentity as exc:
+                # Still refused: the sender's key changed again after the one the user trusted
+                # (or was never trusted). A key still waiting for the user's decision was seen
+                # later than this envelope's, so only an empty slot takes this one.
+                if exc.identity_key is not None and self._store.identity_seen(held.peer) is None:
+                    with self._store.transaction() as conn:
+                        self._store.note_identity_seen(conn, held.peer, exc.identity_key)
+                return None
+            except BridgeUnavailable:
+                raise
+            except SignalProtocolError as exc:
+                # The same choice as for a live envelope: one that cannot be decrypted (or
+                # was decrypted already) is dropped, so it cannot block the ones behind it.
+                log.warning(
+                    "dropped held envelope %s from %s: %s", held.envelope_id, held.peer, exc
+                )
+                self._drop_held(held.envelope_id)
+                return None
+            _warn_identity_changes(result.identity_changes)
+            incoming = IncomingMessage(
+                peer=held.peer,
+                payload=result.plaintext,
+                envelope_id=held.envelope_id,
+                record_changes=tuple(result.changes),
+                identity_changes=tuple(result.identity_changes),
+                device_id=held.source_device,
+            )
+            self._in_flight[held.envelope_id] = _Delivery(lock, self._held_ack(held.envelope_id))
+            handed_out = True
+            log.info("took held envelope %s from %s", held.envelope_id, held.peer)
+            return incoming
+        finally:
+            if not handed_out:
+                lock.release()
+
+    def _held_ack(self, envelope_id: str) -> Callable[[], Awaitable[None]]:
+        async def acknowledge() -> None:
+            self._drop_held(envelope_id)
+
+        return acknowledge
+
+    def _drop_held(self, envelope_id: str) -> None:
+        with self._store.transaction() as conn:
+            self._store.release_held(conn, envelope_id)
+
     # -- internals ------------------------------------------------------------------------------
+
+    async def _process_bundle(
+        self, address: ProtocolAddress, device: PreKeyBundle
+    ) -> SessionResult:
+        """Start a session from a bundle; a refused identity key is noted as the newest seen."""
+        try:
+            result = await self._bridge.process_prekey_bundle(address, device)
+        except UntrustedIdentity as exc:
+            self._note_refused(exc)
+            raise
+        _warn_identity_changes(result.identity_changes)
+        return result
+
+    async def _encrypt(self, address: ProtocolAddress, payload: bytes) -> EncryptResult:
+        try:
+            return await self._bridge.encrypt(address, payload)
+        except UntrustedIdentity as exc:
+            self._note_refused(exc)
+            raise
+
+    def _note_refused(self, refused: UntrustedIdentity) -> None:
+        if refused.identity_key is not None and refused.peer:
+            with self._store.transaction() as conn:
+                self._store.note_identity_seen(conn, refused.peer, refused.identity_key)
 
     def _lock(self, peer: str) -> asyncio.Lock:
         return self._peer_locks.setdefault(peer, asyncio.Lock())
@@ -452,6 +616,14 @@ class _Delivery:
     def __init__(self, lock: asyncio.Lock, ack: Callable[[], Awaitable[None]]) -> None:
         self.lock = lock
         self.ack = ack
+
+
+def _warn_identity_changes(changes: Sequence[IdentityChanged]) -> None:
+    # Only a wallet under the `always` policy gets here with a changed key; the others refuse it.
+    for change in changes:
+        log.warning(
+            "the identity key of %s changed; trusted under the 'always' policy", change.peer
+        )
 
 
 async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:

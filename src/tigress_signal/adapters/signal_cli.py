@@ -24,6 +24,15 @@ Warning:
     this process comes back, signal-cli keeps fetching and emitting to nobody, and those
     messages are lost. Prefer the JSON-RPC transport on a UNIX socket where that matters.
 
+Identity keys and trust: signal-cli keeps the peers' identity keys and applies its own trust
+setting (``--trust-new-identities``) and its own ``trust`` command; the wallet's
+``trust_policy`` does not apply. ``Wallet.trust`` and ``safety-number`` refuse such a wallet
+with a ConfigError that points at signal-cli or a linked Signal app; wiring signal-cli's
+``trust`` into ``tigress-signal trust`` is not done. A send to a changed key fails with
+UntrustedIdentity (from signal-cli's error) and the share's message stays in the outbox until
+the key is trusted in signal-cli. This channel never keeps messages back for trust (signal-cli
+decides before we see them), so its ``replay_held`` is the default that yields nothing.
+
 Peers are addressed by E.164 number or ACI. The peer string the wallet used for a send is
 remembered for the number and the ACI signal-cli reports, so a reply comes back under the same
 name even when signal-cli names its sender differently (by ACI when the number is hidden).

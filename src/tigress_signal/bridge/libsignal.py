@@ -301,8 +301,8 @@ class DecryptResult:
     Attributes:
         plaintext: the message.
         changes: records to commit together with the message's effect.
-        identity_changes: peers whose identity key differed from the stored one (the message
-            was still accepted; sending to the new key stays refused under ``tofu``).
+        identity_changes: peers whose identity key differed from the stored one (only under
+            ``always``, which accepts and stores the new key; the other policies refuse it).
     """
 
     plaintext: bytes = field(repr=False)
@@ -468,9 +468,10 @@ class LibsignalBridge:
             identity_key_pair: serialized ``IdentityKeyPair`` from :meth:`generate_identity`.
             registration_id: this install's registration id.
             address: this wallet's own account id and device.
-            trust_policy: ``tofu`` trusts a peer's first identity key and refuses to send to a
-                different one (receiving is accepted and reported); ``always`` trusts every
-                key; ``verify`` currently behaves as ``tofu``.
+            trust_policy: ``tofu`` trusts a peer's first identity key and refuses a different
+                one both ways (:class:`UntrustedIdentity`, naming the refused key); ``always``
+                trusts every key and replaces the stored one; ``verify`` receives like
+                ``tofu`` but sends only to a key stored as a ``verified_identity`` record.
             last_resort_kyber_ids: ids of the Kyber prekeys that are last-resort keys; those
                 are kept after use, every other Kyber prekey is deleted when used.
 
@@ -599,6 +600,8 @@ class LibsignalBridge:
             InvalidMessage: the message is malformed or tampered with.
             NoSession: a Whisper message arrived with no session to decrypt it.
             UnknownPreKey: a PreKey message names a prekey this wallet does not hold.
+            UntrustedIdentity: the sender's identity key is not the trusted one (``tofu``,
+                ``verify``); its ``identity_key`` is the refused key. Nothing changed.
         """
         params = {
             "address": address.to_json(),
@@ -1121,9 +1124,15 @@ def _error_from(method: str, error: Any) -> BridgeError:
     libsignal_code = code if isinstance(code, int) else None
     if kind == "untrusted_identity":
         peer = str(error.get("peer") or "")
+        refused = error.get("identityKey")
+        try:
+            identity_key = _unb64(refused) if isinstance(refused, str) else None
+        except ValueError:
+            identity_key = None
         return UntrustedIdentity(
             f"{method}: identity key of {peer} is not trusted",
             peer=peer,
+            identity_key=identity_key,
             operation=method,
             libsignal_code=libsignal_code,
         )

@@ -14,6 +14,7 @@ from typing import Literal, Protocol, get_args
 RecordKind = Literal[
     "session",  # key "<name>.<deviceId>": SessionRecord
     "identity",  # key "<name>": the peer's identity public key (33 bytes)
+    "verified_identity",  # key "<name>": the key the user confirmed with `trust` (wallet-written)
     "prekey",  # key "<id>": one-time EC PreKeyRecord
     "signed_prekey",  # key "<id>": SignedPreKeyRecord
     "kyber_prekey",  # key "<id>": KyberPreKeyRecord, one-time or last resort

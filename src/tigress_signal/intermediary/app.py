@@ -157,6 +157,7 @@ def _routes() -> list[BaseRoute]:
         Route("/openapi.json", openapi.openapi_document, methods=["GET"]),
         Route("/v1/accounts", accounts.create_account, methods=["POST"]),
         Route("/v1/accounts/whoami", accounts.whoami, methods=["GET"]),
+        Route("/v1/accounts/identity", accounts.replace_identity, methods=["PUT"]),
         Route("/v1/devices", devices.list_devices, methods=["GET"]),
         Route("/v1/devices/provisioning/code", devices.issue_link_code, methods=["POST"]),
         Route("/v1/devices/link", devices.link_device, methods=["PUT"]),

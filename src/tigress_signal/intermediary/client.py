@@ -251,6 +251,32 @@ class IntermediaryClient:
         response = await self._call("POST", "/v1/accounts", body=body, authenticated=False)
         return _parse(response, AccountCreated)
 
+    async def replace_identity(
+        self,
+        *,
+        identity_key: bytes,
+        registration_id: int,
+        signed_prekey: PublicSignedPreKey,
+        pq_last_resort_prekey: PublicSignedPreKey,
+    ) -> AccountCreated:
+        """``PUT /v1/accounts/identity``: register this account again with a new identity.
+
+        Needs the primary device's credentials. The answer holds the device's new password;
+        the old one stops working, so call :meth:`authenticate` with the new one.
+
+        Raises:
+            ServerApiError: 403 from a linked device, 422 when a signature does not verify.
+            ChannelError: the server cannot be reached.
+        """
+        body = AccountCreateRequest(
+            identity_key=identity_key,
+            registration_id=registration_id,
+            signed_pre_key=_signed(signed_prekey),
+            pq_last_resort_pre_key=_kem(pq_last_resort_prekey),
+        )
+        response = await self._call("PUT", "/v1/accounts/identity", body=body)
+        return _parse(response, AccountCreated)
+
     async def whoami(self) -> WhoAmI:
         """``GET /v1/accounts/whoami``: the account and device the credentials prove.
 

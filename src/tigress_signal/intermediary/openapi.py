@@ -240,6 +240,17 @@ def build_document() -> dict[str, Any]:
                 request=AccountCreateRequest,
             )
         },
+        "/v1/accounts/identity": {
+            "put": operation(
+                "Register the account again with a new identity (primary device only): linked"
+                " devices, one-time prekeys and waiting messages are removed",
+                {
+                    "200": answer("the primary device's new credentials", AccountCreated),
+                    "403": error("not the primary device"),
+                },
+                request=AccountCreateRequest,
+            )
+        },
         "/v1/accounts/whoami": {
             "get": operation(
                 "The account and device the credentials prove",

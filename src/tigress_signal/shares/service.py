@@ -250,12 +250,33 @@ class ShareService:
         retrying = asyncio.create_task(self._retry_outbox(), name="outbox retry")
         try:
             await self.deliver_outbox()
+            # Messages kept for a sender trusted since (say the process stopped mid-way).
+            with contextlib.suppress(TigressSignalError):
+                await self.process_held()
             async for incoming in self._channel.receive():
                 await self.handle(incoming)
         finally:
             retrying.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await retrying
+
+    async def process_held(self, peer: str | None = None) -> int:
+        """Process the messages the channel kept while their sender's key was not trusted.
+
+        Each is processed like a newly arrived one (:meth:`handle`), oldest first, exactly
+        once; messages of senders still not trusted stay kept.
+
+        Args:
+            peer: only this sender's messages; every sender's when None.
+
+        Returns:
+            How many kept messages were taken up.
+        """
+        taken = 0
+        async for incoming in self._channel.replay_held(peer):
+            await self.handle(incoming)
+            taken += 1
+        return taken
 
     async def _retry_outbox(self) -> None:
         delay = OUTBOX_RETRY_FIRST

@@ -112,8 +112,10 @@ class WalletConfig(BaseModel):
 
     Attributes:
         channel: which CredentialChannel carries this wallet's transfers.
-        trust_policy: when a peer's identity key is trusted for sending: on first use
-            (``tofu``), ``always``, or only once verified (``verify``).
+        trust_policy: when a peer's identity key is trusted: on first use, a changed key
+            only after ``trust`` (``tofu``), ``always``, or for sending only once verified
+            with ``trust`` (``verify``). Applies to the self-hosted channel; signal-cli keeps
+            its own trust setting.
         selfhosted: settings of the self-hosted channel.
         signal_cli: settings of the signal-cli channels.
     """

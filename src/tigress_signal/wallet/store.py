@@ -1,10 +1,11 @@
 """The wallet store: one SQLite file in the wallet folder that owns everything durable.
 
 It holds the account (id, device, password, own identity), every libsignal record, the shares
-this wallet takes part in, received credentials, the ids of messages already processed, and
-sealed messages waiting to be delivered (the outbox). libsignal's changes and a message's
-effect are written in one transaction (:meth:`WalletStore.transaction`), which is what makes a
-crash at any point neither lose nor repeat a credential.
+this wallet takes part in, received credentials, the ids of messages already processed, sealed
+messages waiting to be delivered (the outbox), envelopes held while their sender's changed
+identity key is not trusted, and the newest identity key seen for each peer. libsignal's
+changes and a message's effect are written in one transaction (:meth:`WalletStore.transaction`),
+which is what makes a crash at any point neither lose nor repeat a credential.
 
 Only one process may use a wallet at a time; a second one fails fast with
 :class:`~tigress_signal.errors.StoreLocked` (an ``flock`` on ``wallet.lock``).
@@ -25,7 +26,7 @@ import logging
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
@@ -122,6 +123,25 @@ _MIGRATIONS: tuple[str, ...] = (
         created_at TEXT NOT NULL
     );
     """,
+    # Identity changes: envelopes kept while their sender's key is not trusted (oldest first by
+    # seq, removed only once processed), and the newest identity key seen for each peer.
+    """
+    CREATE TABLE held_envelopes (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        envelope_id TEXT NOT NULL UNIQUE,
+        peer TEXT NOT NULL,
+        source_device INTEGER NOT NULL,
+        message_type INTEGER NOT NULL,
+        content BLOB NOT NULL,
+        held_at TEXT NOT NULL
+    );
+    CREATE INDEX held_envelopes_by_peer ON held_envelopes (peer, seq);
+    CREATE TABLE peer_identity_seen (
+        peer TEXT PRIMARY KEY,
+        identity_key BLOB NOT NULL,
+        seen_at TEXT NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 
 
@@ -153,6 +173,25 @@ class Account:
     def __repr__(self) -> str:
         # The dataclass default would print the password and the private key.
         return f"Account(account_id={self.account_id!r}, device_id={self.device_id})"
+
+
+@dataclass(frozen=True, slots=True)
+class HeldEnvelope:
+    """An envelope kept, still encrypted, until its sender's new identity key is trusted.
+
+    Attributes:
+        envelope_id: the intermediary's envelope guid.
+        peer: the sender's account id.
+        source_device: the sender's device id.
+        message_type: libsignal's message type (2 Whisper, 3 PreKey).
+        content: the ciphertext as it arrived.
+    """
+
+    envelope_id: str
+    peer: str
+    source_device: int
+    message_type: int
+    content: bytes = field(repr=False)
 
 
 class WalletStore:
@@ -379,6 +418,67 @@ class WalletStore:
             "SELECT device_id, registration_id FROM peer_devices WHERE peer = ?", (peer,)
         ).fetchall()
         return {int(d): int(r) for d, r in rows}
+
+        # -- identity keys seen and envelopes held ---------------------------------------------
+
+    def note_identity_seen(self, conn: sqlite3.Connection, peer: str, identity_key: bytes) -> None:
+        """Remember the newest identity key seen for a peer (one the trust policy refused)."""
+        conn.execute(
+            "INSERT INTO peer_identity_seen (peer, identity_key, seen_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (peer) DO UPDATE SET identity_key = excluded.identity_key,"
+            " seen_at = excluded.seen_at",
+            (peer, identity_key, utc_now_text()),
+        )
+
+    def identity_seen(self, peer: str) -> bytes | None:
+        """The newest identity key seen for a peer and refused, or None."""
+        row = self._db.execute(
+            "SELECT identity_key FROM peer_identity_seen WHERE peer = ?", (peer,)
+        ).fetchone()
+        return bytes(row[0]) if row else None
+
+    def hold_envelope(self, conn: sqlite3.Connection, envelope: HeldEnvelope) -> None:
+        """Keep an envelope until its sender's key is trusted (once per envelope id)."""
+        conn.execute(
+            "INSERT OR IGNORE INTO held_envelopes (envelope_id, peer, source_device,"
+            " message_type, content, held_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                envelope.envelope_id,
+                envelope.peer,
+                envelope.source_device,
+                envelope.message_type,
+                envelope.content,
+                utc_now_text(),
+            ),
+        )
+
+    def is_held(self, envelope_id: str) -> bool:
+        """Whether an envelope is among the held ones."""
+        row = self._db.execute(
+            "SELECT 1 FROM held_envelopes WHERE envelope_id = ?", (envelope_id,)
+        ).fetchone()
+        return row is not None
+
+    def holds_for(self, peer: str) -> bool:
+        """Whether any envelope from ``peer`` is held (newer ones then wait behind it)."""
+        row = self._db.execute(
+            "SELECT 1 FROM held_envelopes WHERE peer = ? LIMIT 1", (peer,)
+        ).fetchone()
+        return row is not None
+
+    def held_envelopes(self, peer: str | None = None) -> list[HeldEnvelope]:
+        """Held envelopes, oldest first; of one peer, or of every peer."""
+        sql = "SELECT envelope_id, peer, source_device, message_type, content FROM held_envelopes"
+        params: tuple[str, ...] = ()
+        if peer is not None:
+            sql += " WHERE peer = ?"
+            params = (peer,)
+        rows = self._db.execute(sql + " ORDER BY seq", params).fetchall()
+        return [HeldEnvelope(r[0], r[1], int(r[2]), int(r[3]), bytes(r[4])) for r in rows]
+
+    def release_held(self, conn: sqlite3.Connection, envelope_id: str) -> None:
+        """Remove a held envelope (processed, or found already processed)."""
+        conn.execute("DELETE FROM held_envelopes WHERE envelope_id = ?", (envelope_id,))
 
     # -- processed messages --------------------------------------------------------------
 

@@ -11,6 +11,7 @@ A second device joins an existing account in three steps (see :mod:`.linking`):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -32,7 +33,6 @@ from tigress_signal.errors import (
     ConfigError,
     InvalidLinkAnswer,
     InvalidLinkCode,
-    NoSession,
     StoreError,
     TigressSignalError,
 )
@@ -49,6 +49,7 @@ from tigress_signal.wallet.config import (
     save_wallet_config,
     selfhosted_settings,
 )
+from tigress_signal.wallet.identity_reset import reset_identity
 from tigress_signal.wallet.linking import (
     LinkSecrets,
     make_link_request,
@@ -59,6 +60,12 @@ from tigress_signal.wallet.linking import (
 )
 from tigress_signal.wallet.prekeys import refill_prekeys
 from tigress_signal.wallet.store import DATABASE_NAME, LOCK_NAME, Account, WalletStore
+from tigress_signal.wallet.trust import (
+    PeerIdentity,
+    peer_identity,
+    safety_number_of,
+    trust_newest_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -514,24 +521,86 @@ class Wallet:
     async def safety_number(self, peer: str) -> SafetyNumber:
         """The safety number of this wallet's identity and a peer's, as both sides compute it.
 
+        It is computed over the newest key seen for the peer: after the peer's key changed,
+        that is the new key (see :meth:`peer_identity` for whether it is trusted).
+
         Raises:
             NoSession: this wallet has not exchanged a message with ``peer`` yet, so it holds
                 no identity key for it.
         """
-        if self._bridge is None or self._account is None:
-            raise NoSession(
-                "signal-cli holds this wallet's identity keys, not the wallet",
-                hint="compare safety numbers in a Signal app linked to the same account",
-            )
-        remote_key = self.store.load_record("identity", peer)
-        if remote_key is None:
-            raise NoSession(
-                f"no identity key for {peer} yet",
-                hint="exchange a message with this peer first (a share or an offer)",
-            )
-        return await self._bridge.safety_number(
-            self.account_id, self._account.identity_public_key, peer, remote_key
+        bridge, account = self._own_identity()
+        return await safety_number_of(bridge, account, self.peer_identity(peer))
+
+    def peer_identity(self, peer: str) -> PeerIdentity:
+        """What this wallet knows of ``peer``'s identity key: newest, trusted, verified.
+
+        Raises:
+            NoSession: no key of ``peer`` was seen yet (or signal-cli holds the keys).
+        """
+        self._own_identity()
+        return peer_identity(self.store, peer, self.config.trust_policy)
+
+    async def trust(self, peer: str, safety_number: str | None = None) -> int:
+        """Trust (and mark verified) the newest identity key seen for ``peer``.
+
+        With ``safety_number``, the digits must be this wallet's safety number with the peer's
+        newest key, else nothing is stored. Then the messages kept from the peer while its key
+        was not trusted are processed, oldest first, each once, and the outbox is sent again.
+
+        Note:
+            Over signal-cli this is refused: signal-cli keeps the identity keys and has its own
+            ``trust`` command, which this wallet does not drive.
+
+        Returns:
+            How many kept messages were processed.
+
+        Raises:
+            NoSession: no key of ``peer`` was seen yet.
+            ConfigError: ``safety_number`` is not 60 digits, or the wallet uses signal-cli.
+            SafetyNumberMismatch: the digits are not the safety number; nothing was stored.
+        """
+        bridge, account = self._own_identity()
+        identity = peer_identity(self.store, peer, self.config.trust_policy)
+        await trust_newest_key(self.store, bridge, account, identity, safety_number)
+        processed = await self.shares.process_held(peer)
+        with contextlib.suppress(TigressSignalError):
+            await self.shares.deliver_outbox()
+        return processed
+
+    async def reset_identity(self) -> Account:
+        """Register this wallet's account again with a new identity key (a reinstall).
+
+        See :mod:`tigress_signal.wallet.identity_reset` for what the server and the wallet drop
+        and keep. Run it while the wallet's receive loop is stopped: a message decrypted while
+        the identity is being replaced could be lost.
+
+        Raises:
+            ConfigError: the wallet's account is held by signal-cli, or messages wait in the
+                outbox (deliver them first).
+            ServerApiError: the intermediary refused; the wallet is unchanged.
+        """
+        bridge, account = self._own_identity()
+        assert self._client is not None  # a wallet with its own identity has a client
+        self._account = await reset_identity(
+            self.store,
+            bridge,
+            self._client,
+            account,
+            self.config,
+            signed_prekey_id=FIRST_SIGNED_PREKEY_ID,
+            last_resort_kyber_id=LAST_RESORT_KYBER_ID,
         )
+        await self._maintain_prekeys()
+        return self._account
+
+    def _own_identity(self) -> tuple[LibsignalBridge, Account]:
+        if self._bridge is None or self._account is None:
+            raise ConfigError(
+                "signal-cli holds this wallet's identity keys, not the wallet",
+                hint="compare safety numbers and trust keys in a Signal app linked to the"
+                " same account, or with signal-cli's own commands",
+            )
+        return self._bridge, self._account
 
     @classmethod
     async def create_signal_cli(
