@@ -1,8 +1,9 @@
 """The wallet store: one SQLite file in the wallet folder that owns everything durable.
 
 It holds the account (id, device, password, own identity), every libsignal record, the shares
-this wallet takes part in, received credentials, the ids of messages already processed, and
-sealed messages waiting to be delivered (the outbox). libsignal's changes and a message's
+this wallet takes part in, received credentials, the ids of messages already processed,
+sealed messages waiting to be delivered (the outbox), and for a short while the messages sent
+(the send log, :mod:`tigress_signal.wallet.send_log`). libsignal's changes and a message's
 effect are written in one transaction (:meth:`WalletStore.transaction`), which is what makes a
 crash at any point neither lose nor repeat a credential.
 
@@ -111,6 +112,22 @@ _MIGRATIONS: tuple[str, ...] = (
         private_key_pem BLOB NOT NULL,
         created_at TEXT NOT NULL
     ) WITHOUT ROWID;
+    """,
+    # The send log (wallet/send_log.py): recently sent transfer messages, plaintext included,
+    # kept for a short while so one a peer could not decrypt can be sent again.
+    """
+    CREATE TABLE send_log (
+        peer TEXT NOT NULL,
+        sent_at_ms INTEGER NOT NULL,
+        message_id TEXT NOT NULL,
+        share_id TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        resends INTEGER NOT NULL DEFAULT 0,
+        expires_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (peer, sent_at_ms)
+    ) WITHOUT ROWID;
+    CREATE INDEX send_log_by_share ON send_log (share_id);
+    CREATE INDEX send_log_by_expiry ON send_log (expires_at_ms);
     """,
 )
 
