@@ -13,6 +13,11 @@ operation for that peer can interleave with the session update.
 Devices: a peer is sent to on the devices its bundle listed at first contact; when the
 intermediary answers 409 (devices missing or extra) or 410 (devices registered again), delivery
 corrects the list, sets up sessions with the new devices and retries.
+
+Broken sessions: a message that cannot be decrypted because the sessions diverged is answered
+with a decryption-error message (envelope type 8), and such an error from a peer makes this
+wallet start a new session and resend the message; see :mod:`.session_repair`. Each sealed
+message a wallet stores is logged for that (:meth:`SelfHostedChannel.remember_sent`).
 """
 
 from __future__ import annotations
