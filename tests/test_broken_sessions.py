@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tigress_signal.adapters.selfhosted import SelfHostedChannel
 from tigress_signal.bridge.libsignal import MessageType
 from tigress_signal.credentials import ProvisioningInformation
 from tigress_signal.intermediary.client import IntermediaryClient, OutgoingMessage
@@ -256,6 +257,77 @@ async def test_resends_stop_at_the_limit_and_copies_are_dropped(server, tmp_path
             assert (await bob_client.list_messages()).messages == []
         assert [c.content for c in bob.shares.credentials()] == [b"once"]
         assert len(bob.shares.shares()) == 1
+
+
+async def test_a_resend_is_stored_with_the_new_session_before_the_error_is_acknowledged(
+    server, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO)
+    alice = await Wallet.create(tmp_path / "alice", server.url)
+    bob = await Wallet.create(tmp_path / "bob", server.url)
+    async with alice, bob, client_of(bob, server.url) as bob_client:
+        share = await alice.shares.offer_provisioning(bob.account_id, token("safe"), title="x")
+        (original,) = (await bob_client.list_messages()).messages
+        bridge = bob._bridge
+        assert bridge is not None
+        error = await bridge.decryption_error(
+            original.content, original.type, original.timestamp, original.source_device
+        )
+        await bob_client.send_messages(
+            alice.account_id,
+            [
+                OutgoingMessage(
+                    type=8,
+                    destination_device_id=alice.account.device_id,
+                    destination_registration_id=alice.account.registration_id,
+                    content=error,
+                )
+            ],
+        )
+        channel = alice.channel
+        assert isinstance(channel, SelfHostedChannel)
+        channel.on_outbox = None  # keep the resend in the outbox to look at it
+        async with client_of(alice, server.url) as alice_client:
+            (report,) = (await alice_client.list_messages()).messages
+
+            # Alice handles the error, and dies before the intermediary hears of it.
+            async def dies_first() -> None:
+                return None
+
+            assert await channel._open(report, dies_first) is None
+            outbox = alice.store.connection.execute("SELECT message_id, peer FROM outbox")
+            ((resend_id, peer),) = outbox.fetchall()
+            assert resend_id.endswith(str(share_envelope_id(alice, share.share_id)))
+            assert peer == bob.account_id
+            logged = send_log.find(alice.store.connection, bob.account_id, original.timestamp)
+            assert logged is not None and logged.resends == 1
+            assert len((await bob_client.list_messages()).messages) == 1  # not delivered yet
+
+            # After the restart the error comes again: it is dropped, nothing is resent twice.
+            assert (
+                await channel._open(report, lambda: alice_client.acknowledge(report.guid)) is None
+            )
+            assert (await alice_client.list_messages()).messages == []
+            assert count(alice, "outbox") == 1
+            logged = send_log.find(alice.store.connection, bob.account_id, original.timestamp)
+            assert logged is not None and logged.resends == 1
+
+        await alice.shares.deliver_outbox()
+        assert count(alice, "outbox") == 0
+        assert len((await bob_client.list_messages()).messages) == 2
+        async with receiving(alice), receiving(bob):
+            await bob.shares.wait_for(share.share_id, [ShareState.OFFERED], WAIT)
+            await bob.shares.accept(share.share_id)
+            await alice.shares.wait_for(share.share_id, [ShareState.ACCEPTED], WAIT)
+        assert [c.content for c in bob.shares.credentials()] == [b"safe"]
+
+
+def share_envelope_id(wallet: Wallet, share_id: str) -> str:
+    """The transfer message id of the offer a sender logged for a share."""
+    row = wallet.store.connection.execute(
+        "SELECT message_id FROM send_log WHERE share_id = ?", (share_id,)
+    ).fetchone()
+    return str(row[0])
 
 
 def base64_content(wire: bytes) -> bytes:
