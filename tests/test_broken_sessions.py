@@ -20,8 +20,18 @@ from pathlib import Path
 import pytest
 
 from tigress_signal.adapters.selfhosted import SelfHostedChannel
+from tigress_signal.adapters.session_repair import SessionRepair
 from tigress_signal.bridge.libsignal import MessageType
 from tigress_signal.credentials import ProvisioningInformation
+from tigress_signal.errors import (
+    DuplicateMessage,
+    InvalidMessage,
+    InvalidSignature,
+    NoSession,
+    SignalProtocolError,
+    UnknownPreKey,
+    UntrustedIdentity,
+)
 from tigress_signal.intermediary.client import IntermediaryClient, OutgoingMessage
 from tigress_signal.intermediary.config import IntermediaryConfig
 from tigress_signal.intermediary.server import IntermediaryServer
@@ -152,10 +162,12 @@ async def test_a_lost_session_record_is_repaired_and_the_share_completes(server,
     async with alice, bob:
         async with receiving(alice), receiving(bob):
             await complete_share(alice, bob, "first")
-        # Bob loses his session with Alice (his copy and the sidecar's).
+        # Bob loses his session with Alice (his copy and the sidecar's), and what he knew of
+        # her device: his error must find her registration id in her bundle.
         key = f"{alice.account_id}.{alice.account.device_id}"
         with bob.store.transaction() as conn:
             conn.execute("DELETE FROM records WHERE kind = 'session' AND key = ?", (key,))
+            conn.execute("DELETE FROM peer_devices WHERE peer = ?", (alice.account_id,))
         await bob._bridge.evict([("session", key)])  # type: ignore[union-attr]
 
         async with receiving(alice), receiving(bob):
@@ -328,6 +340,22 @@ def share_envelope_id(wallet: Wallet, share_id: str) -> str:
         "SELECT message_id FROM send_log WHERE share_id = ?", (share_id,)
     ).fetchone()
     return str(row[0])
+
+
+@pytest.mark.parametrize(
+    ("error", "reported"),
+    [
+        (InvalidMessage("bad mac"), True),
+        (NoSession("no session"), True),
+        (UnknownPreKey("no such signed prekey"), True),
+        (DuplicateMessage("seen"), False),
+        (UntrustedIdentity("changed key", peer="p"), False),
+        (InvalidSignature("bad signature"), False),
+        (SignalProtocolError("refused parameter"), False),
+    ],
+)
+def test_only_diverged_sessions_are_reported(error, reported):
+    assert SessionRepair.breaks_session(error) is reported
 
 
 def base64_content(wire: bytes) -> bytes:
