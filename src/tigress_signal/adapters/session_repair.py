@@ -29,11 +29,23 @@ with an error; each message is resent at most ``max_resends`` times; errors nami
 expired timestamp, or another device of this account, are logged and dropped; only the peer the
 message went to can trigger its resend (the intermediary authenticates the sender).
 
+A decryption-error message travels unencrypted and unauthenticated end to end (as in Signal):
+the intermediary could forge one in a peer's name. The most it gains is what the limits allow:
+up to ``max_resends`` new sessions with that peer (each taking one of its one-time prekeys) and
+as many resent ciphertexts, all still encrypted for the peer's trusted identity.
+
 Note:
     The intermediary requires a ciphertext for every device of the recipient, so a resend goes
     to all of the peer's devices that have a session with this wallet; devices that did
     decrypt the original drop the copy by its message id. Only the decryption error itself
     travels to one device.
+
+Note:
+    The decryption error is sent once, directly, not through the outbox: if the intermediary
+    refuses it (unreachable, rate limit) it is lost, and the sender only learns of the broken
+    session from the next message that fails. Messages sent with
+    :meth:`~tigress_signal.adapters.selfhosted.SelfHostedChannel.send` rather than through a
+    wallet's outbox are not in the send log and cannot be resent.
 """
 
 from __future__ import annotations
