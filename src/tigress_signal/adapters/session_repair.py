@@ -55,7 +55,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from tigress_signal.bridge.libsignal import LibsignalBridge, MessageType, ProtocolAddress
+from tigress_signal.bridge.libsignal import (
+    LibsignalBridge,
+    MessageType,
+    PreKeyBundle,
+    ProtocolAddress,
+)
 from tigress_signal.bridge.records import RecordChange
 from tigress_signal.errors import (
     BridgeUnavailable,
@@ -69,7 +74,12 @@ from tigress_signal.errors import (
     TigressSignalError,
     UnknownPreKey,
 )
-from tigress_signal.intermediary.client import Envelope, IntermediaryClient, OutgoingMessage
+from tigress_signal.intermediary.client import (
+    AccountBundle,
+    Envelope,
+    IntermediaryClient,
+    OutgoingMessage,
+)
 from tigress_signal.wallet import send_log
 from tigress_signal.wallet.store import Account, WalletStore, utc_now_text
 
@@ -189,9 +199,7 @@ class SessionRepair:
             return known
         # Never sent to that device (this wallet lost what it knew): its bundle says, at the
         # price of one of the peer's one-time prekeys.
-        bundle = await self._client.fetch_bundle(peer, device_id)
-        (device,) = bundle.devices
-        return device.registration_id
+        return _one_device(await self._client.fetch_bundle(peer, device_id)).registration_id
 
     # -- the sending side: a peer reports a message it could not decrypt ------------------------
 
@@ -239,6 +247,14 @@ class SessionRepair:
                 )
                 await ack()
                 return
+            if device_id not in self._store.peer_devices(peer):
+                log.warning(
+                    "dropped a decryption error from %s: this wallet never sent to its device %d",
+                    peer,
+                    device_id,
+                )
+                await ack()
+                return
             if logged.resends >= self._max_resends:
                 log.warning(
                     "dropped a decryption error from %s: message %s was resent %d times",
@@ -282,8 +298,7 @@ class SessionRepair:
         registration_id: int | None = None
         try:
             if new_session:
-                bundle = await self._client.fetch_bundle(peer, device_id)
-                (device,) = bundle.devices
+                device = _one_device(await self._client.fetch_bundle(peer, device_id))
                 address = ProtocolAddress(peer, device_id)
                 # libsignal archives the broken state and makes the new one current.
                 changes.extend((await self._bridge.process_prekey_bundle(address, device)).changes)
@@ -323,3 +338,10 @@ class SessionRepair:
             await self._forget(changes)
             raise
         return True
+
+
+def _one_device(bundle: AccountBundle) -> PreKeyBundle:
+    """The bundle of the one device asked for."""
+    if len(bundle.devices) != 1:
+        raise ChannelError(f"asked for one device's bundle, got {len(bundle.devices)}")
+    return bundle.devices[0]
