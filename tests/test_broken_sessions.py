@@ -219,6 +219,9 @@ async def test_forged_and_garbage_decryption_errors_change_nothing(server, tmp_p
             # Every one of them is taken off Alice's queue (an envelope both listed over REST
             # and pushed may be looked at twice; dropping it is the same each time).
             await queue_emptied(own)
+        async with client_of(bob, server.url) as client:
+            # An error is never answered with another one.
+            assert (await client.list_messages()).messages == []
         garbage = {line.split()[2] for line in messages(caplog, "not a decryption error")}
         assert len(garbage) == 2
         assert messages(caplog, "no message sent at 42")
