@@ -83,7 +83,7 @@ from tigress_signal.intermediary.client import (
 from tigress_signal.wallet import send_log
 from tigress_signal.wallet.store import Account, WalletStore, utc_now_text
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 #: The envelope type of a PlaintextContent (Signal-Server's PLAINTEXT_CONTENT).
 ENVELOPE_PLAINTEXT_CONTENT = 8
@@ -154,7 +154,7 @@ class SessionRepair:
             with self._store.transaction() as conn:
                 self._store.mark_envelope_seen(conn, envelope.guid)
         except StoreError as exc:
-            log.warning("sent no decryption error for envelope %s: %s", envelope.guid, exc)
+            logger.warning("sent no decryption error for envelope %s: %s", envelope.guid, exc)
             return
 
         try:
@@ -163,10 +163,10 @@ class SessionRepair:
             )
         except SignalProtocolError as exc:
             # A message that does not parse names no session the sender could repair.
-            log.info("sent no decryption error for envelope %s: %s", envelope.guid, exc)
+            logger.info("sent no decryption error for envelope %s: %s", envelope.guid, exc)
             return
         except BridgeUnavailable as exc:
-            log.warning("sent no decryption error for envelope %s: %s", envelope.guid, exc)
+            logger.warning("sent no decryption error for envelope %s: %s", envelope.guid, exc)
             return
 
         try:
@@ -184,9 +184,9 @@ class SessionRepair:
                 timestamp=int(time.time() * 1000),
             )
         except (TigressSignalError, OSError) as exc:
-            log.warning("could not send a decryption error to %s: %s", peer, exc)
+            logger.warning("could not send a decryption error to %s: %s", peer, exc)
             return
-        log.info(
+        logger.info(
             "sent a decryption error to %s device %d about envelope %s",
             peer,
             device_id,
@@ -222,7 +222,7 @@ class SessionRepair:
             try:
                 report = await self._bridge.read_decryption_error(address, envelope.content)
             except SignalProtocolError as exc:
-                log.warning(
+                logger.warning(
                     "dropped envelope %s from %s: not a decryption error (%s)",
                     envelope.guid,
                     peer,
@@ -231,7 +231,7 @@ class SessionRepair:
                 await ack()
                 return
             if report.device_id != self._account.device_id:
-                log.info(
+                logger.info(
                     "dropped a decryption error from %s: it is about device %d",
                     peer,
                     report.device_id,
@@ -240,7 +240,7 @@ class SessionRepair:
                 return
             logged = send_log.find(self._store.connection, peer, report.timestamp)
             if logged is None:
-                log.info(
+                logger.info(
                     "dropped a decryption error from %s: no message sent at %d is logged",
                     peer,
                     report.timestamp,
@@ -248,7 +248,7 @@ class SessionRepair:
                 await ack()
                 return
             if device_id not in self._store.peer_devices(peer):
-                log.warning(
+                logger.warning(
                     "dropped a decryption error from %s: this wallet never sent to its device %d",
                     peer,
                     device_id,
@@ -256,7 +256,7 @@ class SessionRepair:
                 await ack()
                 return
             if logged.resends >= self._max_resends:
-                log.warning(
+                logger.warning(
                     "dropped a decryption error from %s: message %s was resent %d times",
                     peer,
                     logged.message_id,
@@ -268,7 +268,7 @@ class SessionRepair:
         if resent is None:
             return  # a passing failure: the envelope stays stored and comes back
         if resent:
-            log.info(
+            logger.info(
                 "share %s: resent message %s (peer %s, device %d, resend %d of %d)",
                 logged.share_id,
                 logged.message_id,
@@ -282,7 +282,7 @@ class SessionRepair:
             try:
                 await self._outbox_ready()
             except (TigressSignalError, OSError) as exc:
-                log.warning("the resend of %s stays in the outbox: %s", logged.message_id, exc)
+                logger.warning("the resend of %s stays in the outbox: %s", logged.message_id, exc)
 
     async def _resend(
         self, envelope: Envelope, logged: send_log.LoggedMessage, new_session: bool
@@ -323,16 +323,18 @@ class SessionRepair:
                 self._store.mark_envelope_seen(conn, envelope.guid)
         except NotFound as exc:
             await self._forget(changes)
-            log.warning("will not resend message %s to %s: %s", logged.message_id, peer, exc)
+            logger.warning("will not resend message %s to %s: %s", logged.message_id, peer, exc)
             return False
         except (ServerApiError, ChannelError, BridgeUnavailable, StoreError, OSError) as exc:
             await self._forget(changes)
-            log.warning("could not resend message %s to %s now: %s", logged.message_id, peer, exc)
+            logger.warning(
+                "could not resend message %s to %s now: %s", logged.message_id, peer, exc
+            )
             return None
         except SignalProtocolError as exc:
             # An untrusted identity or a bundle that does not verify: no new session here.
             await self._forget(changes)
-            log.warning("will not resend message %s to %s: %s", logged.message_id, peer, exc)
+            logger.warning("will not resend message %s to %s: %s", logged.message_id, peer, exc)
             return False
         except BaseException:
             await self._forget(changes)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from tigress_signal.shares.states import ShareState
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 _FINAL_STATES = tuple(state.value for state in ShareState if state.is_final)
 # Only "?" placeholders are put into the text; the states themselves are parameters.
@@ -91,7 +91,7 @@ def record(
         ),
     ).rowcount
     if not inserted:
-        log.warning(
+        logger.warning(
             "message %s to %s not logged: another message has its timestamp",
             logged.message_id,
             logged.peer,
