@@ -338,6 +338,51 @@ const methods = {
     throw new BadRequest('type must be 2 (Whisper) or 3 (PreKey)');
   },
 
+  // A decryption-error message about a message this wallet could not decrypt, wrapped in a
+  // PlaintextContent for the intermediary (envelope type 8). Only Whisper and PreKey messages
+  // qualify: the error carries their sender ratchet key, which tells the original sender
+  // whether its current session is the one that broke.
+  async decryptionError(params, out) {
+    const original = bytesParam(params, 'ciphertext');
+    const type = params.type;
+    if (type !== S.CiphertextMessageType.Whisper && type !== S.CiphertextMessageType.PreKey) {
+      throw new BadRequest('type must be 2 (Whisper) or 3 (PreKey)');
+    }
+    const timestamp = intParam(params, 'timestamp', 0, Number.MAX_SAFE_INTEGER);
+    const senderDeviceId = intParam(params, 'senderDeviceId', 1, 127);
+    const error = S.DecryptionErrorMessage.forOriginal(original, type, timestamp, senderDeviceId);
+    return { content: bytesOut(out, S.PlaintextContent.from(error).serialize()) };
+  },
+
+  // Read a decryption-error message a peer's device sent (PlaintextContent bytes), and say
+  // whether this wallet's current session with that device is the one that broke: there is
+  // none, or the error's ratchet key is the session's current one. Changes nothing.
+  async readDecryptionError(params, out) {
+    const me = requireOpen();
+    const address = addressParam(params);
+    const content = bytesParam(params, 'content');
+    return serialized(`peer:${address.name()}`, () =>
+      withCallStores(me, out, async (stores) => {
+        const plaintext = S.PlaintextContent.deserialize(content);
+        const error = S.DecryptionErrorMessage.extractFromSerializedBody(plaintext.body());
+        const ratchetKey = error.ratchetKey() ?? null;
+        const session = await stores.session.getSession(address);
+        let currentSessionBroken;
+        if (session === null || !session.hasCurrentState()) {
+          currentSessionBroken = true;
+        } else {
+          currentSessionBroken = ratchetKey !== null && session.currentRatchetKeyMatches(ratchetKey);
+        }
+        return {
+          timestamp: error.timestamp(),
+          deviceId: error.deviceId(),
+          ratchetKey: ratchetKey === null ? null : bytesOut(out, ratchetKey.serialize()),
+          currentSessionBroken,
+        };
+      }),
+    );
+  },
+
   async safetyNumber(params) {
     const localId = stringParam(params, 'localId');
     const remoteId = stringParam(params, 'remoteId');

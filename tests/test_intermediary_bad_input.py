@@ -258,6 +258,7 @@ async def test_send_refuses_bad_bodies(server, device):
         ("messages an object", {"messages": _message()}, INVALID),
         ("type 2", {"messages": [_message(type=2)]}, INVALID),
         ("type 5", {"messages": [_message(type=5)]}, INVALID),
+        ("type 7", {"messages": [_message(type=7)]}, INVALID),
         ("type as string", {"messages": [_message(type="1")]}, INVALID),
         ("type missing", {"messages": [_message(type=_DROP)]}, INVALID),
         ("device 0", {"messages": [_message(destinationDeviceId=0)]}, INVALID),

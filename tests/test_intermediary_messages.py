@@ -17,6 +17,7 @@ from intermediary_fixtures import (
     b64,
     database_rows,
     database_url,  # noqa: F401 - autouse: every test runs on SQLite and PostgreSQL
+    link,
     raw_client,
     register,
     running_server,
@@ -274,3 +275,56 @@ async def test_list_all_messages_returns_the_listed_page(alice, bob):
     for text in (b"a", b"b"):
         await alice.client.send_message(bob.uuid, message_to(bob, text))
     assert [m.content for m in await bob.client.list_all_messages()] == [b"a", b"b"]
+
+
+# -- type 8: plaintext content (decryption-error messages) --------------------------------------
+
+
+async def test_plaintext_content_is_carried_as_type_8(alice, bob):
+    await alice.client.send_messages(bob.uuid, [message_to(bob, b"error", kind=8)], timestamp=77)
+    (envelope,) = (await bob.client.list_messages()).messages
+    assert (envelope.type, envelope.content, envelope.timestamp) == (8, b"error", 77)
+
+
+async def test_plaintext_content_has_the_same_size_limit(alice, bob):
+    with pytest.raises(PayloadTooLarge):
+        await alice.client.send_message(
+            bob.uuid, message_to(bob, os.urandom(96 * KIB + 1), kind=8)
+        )
+    assert (await bob.client.list_messages()).messages == []
+
+
+async def test_only_plaintext_content_may_go_to_some_of_the_devices(alice, bob, server):
+    second = await link(server.url, bob, registration_id=5151)
+    try:
+        to_second = OutgoingMessage(
+            type=8, destination_device_id=second.device_id, destination_registration_id=5151,
+            content=b"to the second device",
+        )  # fmt: skip
+        await alice.client.send_messages(bob.uuid, [to_second])
+        assert [m.content for m in (await second.client.list_messages()).messages] == [
+            b"to the second device"
+        ]
+        assert (await bob.client.list_messages()).messages == []
+
+        # A ciphertext still goes to every device.
+        with pytest.raises(MismatchedDevices) as caught:
+            await alice.client.send_messages(bob.uuid, [message_to(bob, b"x")])
+        assert caught.value.missing_devices == [second.device_id]
+        # Extra devices and stale registration ids are refused for plaintext content too.
+        with pytest.raises(MismatchedDevices) as extra:
+            await alice.client.send_messages(
+                bob.uuid, [to_second.model_copy(update={"destination_device_id": 9})]
+            )
+        assert extra.value.extra_devices == [9]
+        with pytest.raises(StaleDevices):
+            await alice.client.send_messages(
+                bob.uuid, [to_second.model_copy(update={"destination_registration_id": 1})]
+            )
+        # An empty send is not "plaintext content to some devices".
+        with pytest.raises(MismatchedDevices):
+            await alice.client.send_messages(bob.uuid, [])
+        assert len((await second.client.list_messages()).messages) == 1
+        assert (await bob.client.list_messages()).messages == []
+    finally:
+        await second.client.aclose()

@@ -50,3 +50,22 @@ def test_each_bad_value_is_named(tmp_path):
 def test_server_url_required_for_selfhosted():
     with pytest.raises(ConfigError, match="server_url is missing"):
         WalletConfig().server_url()
+
+
+def test_resend_settings_round_trip_and_bad_values_are_named(tmp_path):
+    config = WalletConfig(
+        selfhosted=SelfHostedSettings.model_validate(
+            {"server_url": "http://127.0.0.1:8443", "resend_log_seconds": 0, "max_resends": 5}
+        )
+    )
+    save_wallet_config(tmp_path, config)
+    assert load_wallet_config(tmp_path) == config
+
+    (tmp_path / "wallet.toml").write_text(
+        '[selfhosted]\nserver_url = "http://127.0.0.1:8443"\n'
+        "resend_log_seconds = -1\nmax_resends = 11\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_wallet_config(tmp_path)
+    named = {line.split(": ")[1] for line in str(caught.value).splitlines()}
+    assert named == {"selfhosted.resend_log_seconds", "selfhosted.max_resends"}

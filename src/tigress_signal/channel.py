@@ -21,6 +21,7 @@ which the message is deleted upstream. If the wallet cannot store the effect it 
 from __future__ import annotations
 
 import abc
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -119,6 +120,21 @@ class CredentialChannel(abc.ABC):
 
         The default seal holds nothing and changes nothing, so there is nothing to do here;
         channels that encrypt in :meth:`seal` override it.
+        """
+
+    def remember_sent(  # noqa: B027 - a hook: channels that can resend override it
+        self, conn: sqlite3.Connection, sealed: SealedMessage, *, message_id: str, share_id: str
+    ) -> None:
+        """Note, in the caller's transaction, that a sealed message was stored for delivery.
+
+        The self-hosted channel logs it there so that it can send it again on a new session
+        when the peer reports it could not decrypt it. This default keeps nothing.
+
+        Args:
+            conn: the wallet transaction that stores the sealed message in the outbox.
+            sealed: the sealed message.
+            message_id: its transfer message id.
+            share_id: the share it belongs to.
         """
 
     async def deliver(self, sealed: SealedMessage) -> None:

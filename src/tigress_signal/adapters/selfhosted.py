@@ -19,6 +19,11 @@ is remembered as the newest key seen for the peer, for its safety number.
 Devices: a peer is sent to on the devices its bundle listed at first contact; when the
 intermediary answers 409 (devices missing or extra) or 410 (devices registered again), delivery
 corrects the list, sets up sessions with the new devices and retries.
+
+Broken sessions: a message that cannot be decrypted because the sessions diverged is answered
+with a decryption-error message (envelope type 8), and such an error from a peer makes this
+wallet start a new session and resend the message; see :mod:`.session_repair`. Each sealed
+message a wallet stores is logged for that (:meth:`SelfHostedChannel.remember_sent`).
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ import binascii
 import contextlib
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
+from tigress_signal.adapters.session_repair import SessionRepair
 from tigress_signal.bridge.libsignal import (
     EncryptResult,
     LibsignalBridge,
@@ -58,6 +65,7 @@ from tigress_signal.errors import (
     UntrustedIdentity,
 )
 from tigress_signal.intermediary.client import Envelope, IntermediaryClient, OutgoingMessage
+from tigress_signal.wallet import send_log
 from tigress_signal.wallet.store import Account, HeldEnvelope, WalletStore
 
 log = logging.getLogger(__name__)
@@ -65,6 +73,7 @@ log = logging.getLogger(__name__)
 # The intermediary's envelope types and libsignal's message types for the same two messages.
 _ENVELOPE_CIPHERTEXT = 1
 _ENVELOPE_PREKEY = 3
+_ENVELOPE_PLAINTEXT_CONTENT = 8
 _LIBSIGNAL_WHISPER = 2
 _LIBSIGNAL_PREKEY = 3
 
@@ -85,6 +94,13 @@ class SelfHostedChannel(CredentialChannel):
         account: this wallet's account.
         on_connect: called after every (re)connection, before messages are taken (the wallet
             checks its prekey pools there).
+        resend_log_seconds: how long a sent message stays in the send log (0: not at all).
+        max_resends: how often one message is sent again, at most, after decryption errors.
+
+    Attributes:
+        on_outbox: called after a resend was put in the wallet's outbox, to deliver it now
+            (the wallet sets it to its share service's outbox delivery); without it, the
+            outbox's own retry loop delivers it.
     """
 
     name = "selfhosted"
@@ -97,6 +113,8 @@ class SelfHostedChannel(CredentialChannel):
         account: Account,
         *,
         on_connect: Callable[[], Awaitable[None]] | None = None,
+        resend_log_seconds: int = 3600,
+        max_resends: int = 2,
     ) -> None:
         self._store = store
         self._on_connect = on_connect
@@ -107,6 +125,20 @@ class SelfHostedChannel(CredentialChannel):
         self._in_flight: dict[str, _Delivery] = {}
         self._sealed: dict[int, asyncio.Lock | None] = {}
         self._closed = asyncio.Event()
+        self._last_timestamp = 0
+        self._resend_log_seconds = resend_log_seconds
+        self.on_outbox: Callable[[], Awaitable[None]] | None = None
+        self._repair = SessionRepair(
+            store,
+            bridge,
+            client,
+            account,
+            lock_for=self._lock,
+            seal_again=self._seal_again,
+            forget=self._forget,
+            outbox_ready=self._outbox_ready,
+            max_resends=max_resends,
+        )
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -149,52 +181,75 @@ class SelfHostedChannel(CredentialChannel):
             await lock.acquire()
         changes: list[RecordChange] = []
         try:
-            devices = {
-                device_id: registration_id
-                for device_id, registration_id in self._store.peer_devices(peer).items()
-                if self._store.has_record("session", f"{peer}.{device_id}")
-            }
-            if not devices:
-                devices = await self._start_sessions(peer, changes)
-            messages: list[dict[str, object]] = []
-            for device_id, registration_id in sorted(devices.items()):
-                result = await self._encrypt(ProtocolAddress(peer, device_id), payload)
-                changes.extend(result.changes)
-                envelope_type = (
-                    _ENVELOPE_PREKEY
-                    if result.message_type == _LIBSIGNAL_PREKEY
-                    else _ENVELOPE_CIPHERTEXT
-                )
-                messages.append(
-                    {
-                        "type": envelope_type,
-                        "destinationDeviceId": device_id,
-                        "destinationRegistrationId": registration_id,
-                        "content": base64.b64encode(result.ciphertext).decode("ascii"),
-                    }
-                )
-            # Device registration ids are not secret and are checked by the server anyway, so
-            # they are remembered at once, whether or not the caller stores this message.
-            with self._store.transaction() as conn:
-                for device_id, registration_id in devices.items():
-                    self._store.save_peer_device(conn, peer, device_id, registration_id)
+            messages = await self._encrypt_for_devices(peer, payload, changes)
         except BaseException:
             await self._forget(changes)
             if not held:
                 lock.release()
             raise
-        # The payload travels with the ciphertexts so that a device the intermediary reports as
-        # missing or re-registered (409/410) can be given its own ciphertext at delivery.
-        wire = json.dumps(
-            {
-                "timestamp": int(time.time() * 1000),
-                "messages": messages,
-                "payload": base64.b64encode(payload).decode("ascii"),
-            }
-        )
-        sealed = SealedMessage(peer, wire.encode("ascii"), tuple(changes))
+        wire = _wire(self._next_timestamp(), messages, payload)
+        sealed = SealedMessage(peer, wire, tuple(changes))
         self._sealed[id(sealed)] = lock if not held else None
         return sealed
+
+    async def _encrypt_for_devices(
+        self, peer: str, payload: bytes, changes: list[RecordChange]
+    ) -> list[dict[str, object]]:
+        """Encrypt for every device of ``peer`` with a session (starting sessions on first
+        contact), adding the record changes to ``changes``; the peer's lock must be held."""
+        devices = {
+            device_id: registration_id
+            for device_id, registration_id in self._store.peer_devices(peer).items()
+            if self._store.has_record("session", f"{peer}.{device_id}")
+        }
+        if not devices:
+            devices = await self._start_sessions(peer, changes)
+        messages: list[dict[str, object]] = []
+        for device_id, registration_id in sorted(devices.items()):
+            result = await self._encrypt(ProtocolAddress(peer, device_id), payload)
+            changes.extend(result.changes)
+            envelope_type = (
+                _ENVELOPE_PREKEY
+                if result.message_type == _LIBSIGNAL_PREKEY
+                else _ENVELOPE_CIPHERTEXT
+            )
+            messages.append(
+                {
+                    "type": envelope_type,
+                    "destinationDeviceId": device_id,
+                    "destinationRegistrationId": registration_id,
+                    "content": base64.b64encode(result.ciphertext).decode("ascii"),
+                }
+            )
+        # Device registration ids are not secret and are checked by the server anyway, so
+        # they are remembered at once, whether or not the caller stores this message.
+        with self._store.transaction() as conn:
+            for device_id, registration_id in devices.items():
+                self._store.save_peer_device(conn, peer, device_id, registration_id)
+        return messages
+
+    async def _seal_again(
+        self, peer: str, payload: bytes, timestamp: int, changes: list[RecordChange]
+    ) -> bytes:
+        """The wire form of a resend: the logged payload, encrypted anew, its old timestamp."""
+        return _wire(timestamp, await self._encrypt_for_devices(peer, payload, changes), payload)
+
+    def _next_timestamp(self) -> int:
+        """Now in ms, but always after the previous message's: a peer's decryption error names
+        a message by its timestamp, so no two messages of this wallet may share one."""
+        self._last_timestamp = max(int(time.time() * 1000), self._last_timestamp + 1)
+        return self._last_timestamp
+
+    def remember_sent(
+        self, conn: sqlite3.Connection, sealed: SealedMessage, *, message_id: str, share_id: str
+    ) -> None:
+        """Log a stored sealed message in the send log, so it can be resent on a new session."""
+        timestamp, payload = _timestamp_and_payload(sealed)
+        send_log.record(
+            conn,
+            send_log.LoggedMessage(sealed.peer, timestamp, message_id, share_id, payload, 0),
+            keep_seconds=self._resend_log_seconds,
+        )
 
     async def settle(self, sealed: SealedMessage, *, stored: bool) -> None:
         """Release the peer's session; forget the sealing's changes if they were not stored."""
@@ -341,6 +396,7 @@ class SelfHostedChannel(CredentialChannel):
                     delay = _RECONNECT_FIRST_DELAY
                     if self._on_connect is not None:
                         await self._on_connect()
+                    self._purge_send_log()
                     # Catch up on what was stored while we were away before taking pushes.
                     for envelope in await self._client.list_all_messages():
                         incoming = await self._open(envelope, self._rest_ack(envelope.guid))
@@ -378,6 +434,10 @@ class SelfHostedChannel(CredentialChannel):
             await ack()
             return None
         peer = envelope.source_uuid
+        if envelope.type == _ENVELOPE_PLAINTEXT_CONTENT:
+            # A decryption-error report: never yielded, never answered with another one.
+            await self._repair.on_decryption_error(envelope, ack)
+            return None
         lock = self._lock(peer)
         await lock.acquire()
         handed_out = False
@@ -404,6 +464,8 @@ class SelfHostedChannel(CredentialChannel):
                 raise
             except SignalProtocolError as exc:
                 log.warning("dropped envelope %s from %s: %s", envelope.guid, peer, exc)
+                if SessionRepair.breaks_session(exc):
+                    await self._repair.report_undecryptable(envelope, message_type)
                 await ack()
                 return None
             _warn_identity_changes(result.identity_changes)
@@ -603,11 +665,47 @@ class SelfHostedChannel(CredentialChannel):
     def _lock(self, peer: str) -> asyncio.Lock:
         return self._peer_locks.setdefault(peer, asyncio.Lock())
 
+    async def _outbox_ready(self) -> None:
+        if self.on_outbox is not None:
+            await self.on_outbox()
+
+    def _purge_send_log(self) -> None:
+        try:
+            with self._store.transaction() as conn:
+                purged = send_log.purge_expired(conn)
+        except StoreError as exc:
+            log.warning("could not purge the send log now: %s", exc)
+            return
+        if purged:
+            log.info("deleted %d expired send log entries", purged)
+
     async def _forget(self, changes: Sequence[RecordChange]) -> None:
         if changes:
             # A restarted sidecar has no cache to clean.
             with contextlib.suppress(BridgeUnavailable):
                 await self._bridge.evict(changes)
+
+
+def _wire(timestamp: int, messages: list[dict[str, object]], payload: bytes) -> bytes:
+    """A sealed message's wire form: its timestamp, one ciphertext per device, and the payload.
+
+    The payload travels with the ciphertexts so that a device the intermediary reports as
+    missing or re-registered (409/410) can be given its own ciphertext at delivery.
+    """
+    document = {
+        "timestamp": timestamp,
+        "messages": messages,
+        "payload": base64.b64encode(payload).decode("ascii"),
+    }
+    return json.dumps(document).encode("ascii")
+
+
+def _timestamp_and_payload(sealed: SealedMessage) -> tuple[int, bytes]:
+    try:
+        document = json.loads(sealed.wire)
+        return int(document["timestamp"]), base64.b64decode(document["payload"], validate=True)
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise ChannelError(f"a sealed message to {sealed.peer} is damaged: {exc}") from exc
 
 
 class _Delivery:

@@ -311,6 +311,26 @@ class DecryptResult:
 
 
 @dataclass(frozen=True, slots=True)
+class DecryptionError:
+    """A peer device's report that it could not decrypt a message this wallet sent.
+
+    Attributes:
+        timestamp: the sender timestamp (ms) of the message that failed, as its envelope had it.
+        device_id: the device of this account that sent that message.
+        ratchet_key: the sender ratchet key the failed message carried (33 bytes), if any.
+        current_session_broken: whether this wallet's current session with the reporting
+            device is the one that broke (there is none, or its ratchet key is the reported
+            one); when False the failed message was on an older session and the current one
+            can be kept.
+    """
+
+    timestamp: int
+    device_id: int
+    ratchet_key: bytes | None
+    current_session_broken: bool
+
+
+@dataclass(frozen=True, slots=True)
 class SafetyNumber:
     """The safety number of two identities; both peers compute the same one.
 
@@ -611,6 +631,58 @@ class LibsignalBridge:
         result = await self._peer_call(address.name, "decrypt", params)
         plaintext = _bytes(result, result["plaintext"])
         return DecryptResult(plaintext, _changes(result), _events(result))
+
+    async def decryption_error(
+        self, ciphertext: bytes, message_type: int, timestamp: int, sender_device_id: int
+    ) -> bytes:
+        """Make a decryption-error message about a message that could not be decrypted.
+
+        The answer is libsignal's ``DecryptionErrorMessage`` wrapped in a ``PlaintextContent``,
+        ready to travel unencrypted as envelope type 8 to the device that sent the message.
+
+        Args:
+            ciphertext: the message that failed, as it arrived.
+            message_type: its type, 2 (Whisper) or 3 (PreKey).
+            timestamp: the sender timestamp of its envelope (ms).
+            sender_device_id: the device that sent it.
+
+        Raises:
+            InvalidMessage: ``ciphertext`` is not a libsignal message of that type (a message
+                that does not even parse names no session to repair).
+            SignalProtocolError: a parameter was refused.
+        """
+        params = {
+            "ciphertext": bytes(ciphertext),
+            "type": int(message_type),
+            "timestamp": int(timestamp),
+            "senderDeviceId": int(sender_device_id),
+        }
+        result = await self._call("decryptionError", params)
+        return _bytes(result, result["content"])
+
+    async def read_decryption_error(
+        self, address: ProtocolAddress, content: bytes
+    ) -> DecryptionError:
+        """Read a decryption-error message from a peer's device (envelope type 8 content).
+
+        Nothing changes: the caller decides whether to start a new session and resend.
+
+        Args:
+            address: the peer device that sent the error (and failed to decrypt).
+            content: the envelope's content, a serialized ``PlaintextContent``.
+
+        Raises:
+            InvalidMessage: ``content`` is not a PlaintextContent holding a decryption error.
+        """
+        params = {"address": address.to_json(), "content": bytes(content)}
+        result = await self._peer_call(address.name, "readDecryptionError", params)
+        ratchet_key = result.get("ratchetKey")
+        return DecryptionError(
+            timestamp=int(result["timestamp"]),
+            device_id=int(result["deviceId"]),
+            ratchet_key=None if ratchet_key is None else _bytes(result, ratchet_key),
+            current_session_broken=bool(result["currentSessionBroken"]),
+        )
 
     async def evict(self, records: Iterable[RecordChange | tuple[RecordKind, str]]) -> None:
         """Drop records from the sidecar's cache so the next use reloads the wallet's copy.

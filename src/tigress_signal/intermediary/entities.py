@@ -42,9 +42,12 @@ MAX_KEY_ID = 2**31 - 1
 #: Most keys of one kind in one upload, and most messages in one page.
 MAX_KEYS_PER_UPLOAD = 100
 MAX_MESSAGES_PER_PAGE = 100
-#: Envelope types this server carries: 1 a libsignal Whisper message, 3 a PreKey message.
+#: Envelope types this server carries: 1 a libsignal Whisper message, 3 a PreKey message, 8 a
+#: libsignal PlaintextContent (a decryption-error message, Signal-Server's PLAINTEXT_CONTENT).
 ENVELOPE_CIPHERTEXT = 1
 ENVELOPE_PREKEY = 3
+ENVELOPE_PLAINTEXT_CONTENT = 8
+ENVELOPE_TYPES = (ENVELOPE_CIPHERTEXT, ENVELOPE_PREKEY, ENVELOPE_PLAINTEXT_CONTENT)
 
 
 def _decode_base64(value: object) -> bytes:
@@ -98,12 +101,19 @@ Timestamp = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
 def _envelope_type(value: int) -> int:
-    if value not in (ENVELOPE_CIPHERTEXT, ENVELOPE_PREKEY):
-        raise ValueError("must be 1 (a Whisper message) or 3 (a PreKey message)")
+    if value not in ENVELOPE_TYPES:
+        raise ValueError(
+            "must be 1 (a Whisper message), 3 (a PreKey message)"
+            " or 8 (plaintext content: a decryption-error message)"
+        )
     return value
 
 
-EnvelopeType = Annotated[int, AfterValidator(_envelope_type)]
+EnvelopeType = Annotated[
+    int,
+    AfterValidator(_envelope_type),
+    WithJsonSchema({"type": "integer", "enum": list(ENVELOPE_TYPES)}),
+]
 
 
 class WireModel(BaseModel):

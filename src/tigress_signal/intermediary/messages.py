@@ -8,6 +8,11 @@ stores all of them in one transaction and wakes the recipient's WebSockets, in w
 process they are. A message stays stored until its device acknowledges it (here with
 ``DELETE``, or over the WebSocket) or until it expires after ``message_retention_seconds``;
 an expired message is never delivered, and the sweep deletes it.
+
+A send made only of plaintext-content messages (type 8: a libsignal decryption-error message)
+may name some of the recipient's devices instead of all of them: such a message is about one
+device's session with one sender device, and only that device should get it. Extra devices and
+stale registration ids are refused for it as for every other send.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from starlette.responses import Response
 from tigress_signal.intermediary.api import ApiError, json_response, parse_uuid, read_entity
 from tigress_signal.intermediary.context import ServerContext, context_of
 from tigress_signal.intermediary.entities import (
+    ENVELOPE_PLAINTEXT_CONTENT,
     MAX_MESSAGES_PER_PAGE,
     DeviceAddress,
     Envelope,
@@ -67,6 +73,8 @@ async def send_messages(request: Request) -> Response:
         if recipient == sender.uuid:
             expected.pop(sender.device_id, None)
         missing = sorted(set(expected) - set(listed))
+        if body.messages and all(m.type == ENVELOPE_PLAINTEXT_CONTENT for m in body.messages):
+            missing = []  # addressed to chosen devices (see the module docstring)
         extra = sorted(set(listed) - set(expected))
         if missing or extra:
             raise ApiError(

@@ -319,7 +319,8 @@ def build_document() -> dict[str, Any]:
         },
         "/v1/messages/{uuid}": {
             "put": operation(
-                "Send one ciphertext per device of the recipient",
+                "Send one ciphertext per device of the recipient (a send of type-8"
+                " decryption-error messages only may name some of the devices)",
                 {
                     "200": answer("stored", SendResult),
                     "404": error("no such recipient"),

@@ -71,6 +71,7 @@ from tigress_signal.shares.view import (
     share_from_row,
     stored_offer,
 )
+from tigress_signal.wallet import send_log
 from tigress_signal.wallet.store import WalletStore, utc_now_text
 
 log = logging.getLogger(__name__)
@@ -388,6 +389,10 @@ class ShareService:
                             " VALUES (?, ?, ?, ?, ?)",
                             (reply_id, step.share_id, step.peer, sealed.wire, utc_now_text()),
                         )
+                        self._channel.remember_sent(
+                            conn, sealed, message_id=reply_id, share_id=step.share_id
+                        )
+                    send_log.forget_ended_share(conn, step.share_id, keep=reply_id)
             stored = True
         finally:
             if sealed is not None:
@@ -415,6 +420,7 @@ class ShareService:
             ).fetchone()
             if row is not None and not ShareState(str(row[0])).is_final:
                 steps.set_state(conn, refused.expired_share, ShareState.EXPIRED)
+                send_log.forget_ended_share(conn, refused.expired_share, keep=None)
 
     # -- the outbox -------------------------------------------------------------------------------
 
@@ -469,6 +475,7 @@ class ShareService:
             conn.execute("DELETE FROM outbox WHERE message_id = ?", (message_id,))
             if cancel_share:
                 steps.set_state(conn, share_id, ShareState.CANCELLED)
+                send_log.forget_ended_share(conn, share_id, keep=None)
 
     def _envelope(self, message: TransferMessage) -> TransferEnvelope:
         return TransferEnvelope(message_id=uuid.uuid4(), sent_at=self._clock(), body=message)
@@ -661,6 +668,7 @@ class ShareService:
             due = share.expires_at <= self._clock() and not share.state.is_final
             if due:
                 steps.set_state(conn, share_id, ShareState.EXPIRED)
+                send_log.forget_ended_share(conn, share_id, keep=None)
         if due:
             raise ShareExpired(f"share {share_id} expired at {share.expires_at.isoformat()}")
 

@@ -55,12 +55,20 @@ class SelfHostedSettings(BaseModel):
         server_url: the intermediary's base URL.
         keepalive_seconds: how often the wallet pings its WebSocket, and how long an answer
             may take before the connection counts as dead and is opened again.
+        resend_log_seconds: how long a sent transfer message is kept, in plaintext, so that
+            it can be sent again on a new session when the peer could not decrypt it; 0 keeps
+            none (and nothing is ever resent). Keep it short: see
+            :mod:`tigress_signal.wallet.send_log`.
+        max_resends: how often one message is sent again at most, so that a peer reporting
+            errors over and over cannot make the wallet loop.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     server_url: HttpUrl
     keepalive_seconds: Annotated[float, Field(gt=0, le=3600)] = 20.0
+    resend_log_seconds: Annotated[int, Field(ge=0, le=7 * 24 * 3600)] = 3600
+    max_resends: Annotated[int, Field(ge=0, le=10)] = 2
 
 
 class SignalCliSettings(BaseModel):
@@ -156,6 +164,8 @@ class WalletConfig(BaseModel):
                 "[selfhosted]",
                 f'server_url = "{self.server_url()}"',
                 f"keepalive_seconds = {self.selfhosted.keepalive_seconds}",
+                f"resend_log_seconds = {self.selfhosted.resend_log_seconds}",
+                f"max_resends = {self.selfhosted.max_resends}",
             ]
         if self.signal_cli is not None:
             lines += ["", "[signal_cli]"]

@@ -2,7 +2,8 @@
 
 It holds the account (id, device, password, own identity), every libsignal record, the shares
 this wallet takes part in, received credentials, the ids of messages already processed, sealed
-messages waiting to be delivered (the outbox), envelopes held while their sender's changed
+messages waiting to be delivered (the outbox), for a short while the messages sent (the send
+log, :mod:`tigress_signal.wallet.send_log`), envelopes held while their sender's changed
 identity key is not trusted, and the newest identity key seen for each peer. libsignal's
 changes and a message's effect are written in one transaction (:meth:`WalletStore.transaction`),
 which is what makes a crash at any point neither lose nor repeat a credential.
@@ -141,6 +142,22 @@ _MIGRATIONS: tuple[str, ...] = (
         identity_key BLOB NOT NULL,
         seen_at TEXT NOT NULL
     ) WITHOUT ROWID;
+    """,
+    # The send log (wallet/send_log.py): recently sent transfer messages, plaintext included,
+    # kept for a short while so one a peer could not decrypt can be sent again.
+    """
+    CREATE TABLE send_log (
+        peer TEXT NOT NULL,
+        sent_at_ms INTEGER NOT NULL,
+        message_id TEXT NOT NULL,
+        share_id TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        resends INTEGER NOT NULL DEFAULT 0,
+        expires_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (peer, sent_at_ms)
+    ) WITHOUT ROWID;
+    CREATE INDEX send_log_by_share ON send_log (share_id);
+    CREATE INDEX send_log_by_expiry ON send_log (expires_at_ms);
     """,
 )
 

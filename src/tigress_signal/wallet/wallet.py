@@ -113,13 +113,23 @@ class Wallet:
             # The self-hosted channel needs all three; the signal-cli one comes ready-made.
             if account is None or bridge is None or client is None:
                 raise ValueError("a self-hosted wallet needs its account, sidecar and client")
+            settings = config.selfhosted
             channel = SelfHostedChannel(
-                store, bridge, client, account, on_connect=self._maintain_prekeys
+                store,
+                bridge,
+                client,
+                account,
+                on_connect=self._maintain_prekeys,
+                resend_log_seconds=3600 if settings is None else settings.resend_log_seconds,
+                max_resends=2 if settings is None else settings.max_resends,
             )
         self.channel: CredentialChannel = channel
         self.shares = ShareService(
             store, self.channel, device_id=account.device_id if account is not None else 1
         )
+        if isinstance(channel, SelfHostedChannel):
+            # A resend after a peer's decryption error goes out at once, not at the next retry.
+            channel.on_outbox = self.shares.deliver_outbox
 
     async def _maintain_prekeys(self) -> None:
         # Checked on every (re)connect: a wallet that was offline may have been drained.
