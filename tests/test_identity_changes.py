@@ -170,8 +170,11 @@ async def test_a_changed_key_stops_both_ways_until_trusted_then_everything_goes_
         assert len(alice.wallet.store.held_envelopes(bob.id)) == 1
 
         # Trust with the right digits: the kept offer is processed once, the stored one goes.
-        assert await alice.wallet.trust(bob.id, alice_sees.digits) == 1
-        assert alice.wallet.store.held_envelopes() == []
+        # The kept offer is taken up by trust itself, or by the share service that the reopen
+        # started (it replays kept messages at start) if that got to it first: once either way.
+        taken_by_trust = await alice.wallet.trust(bob.id, alice_sees.digits)
+        await until(lambda: alice.wallet.store.held_envelopes() == [])
+        assert taken_by_trust in (0, 1)
         assert alice.wallet.store.load_record("identity", bob.id) == new_key
         assert alice.wallet.shares.share(offer.share_id).state is ShareState.OFFERED
         assert await alice.wallet.shares.process_held() == 0
@@ -315,3 +318,24 @@ async def test_reset_identity_waits_for_an_empty_outbox(tmp_path, server):
             conn.execute("DELETE FROM outbox")
         await bob.reopen()
         await completed_share(alice, bob, b"old identity still works")
+
+
+def one_time_prekeys_at_server(tmp_path: Path, account: str) -> int:
+    with contextlib.closing(sqlite3.connect(tmp_path / "server.db")) as db:
+        query = "SELECT count(*) FROM one_time_prekeys WHERE account_uuid = ?"
+        row = db.execute(query, (account,))
+        return int(row.fetchone()[0])
+
+
+async def test_outbox_retries_to_a_refused_key_take_none_of_the_peers_prekeys(tmp_path, server):
+    async with two_parties(tmp_path, server, "tofu") as (alice, bob):
+        await completed_share(alice, bob, b"before")
+        await bob.reinstall()
+        with pytest.raises(UntrustedIdentity):
+            await alice.wallet.shares.offer_provisioning(bob.id, token(b"after"), title="t")
+        left = one_time_prekeys_at_server(tmp_path, bob.id)
+        # More retries than the server's bundle-fetch burst: none of them fetches a bundle.
+        for _ in range(12):
+            await alice.wallet.shares.deliver_outbox()
+        assert one_time_prekeys_at_server(tmp_path, bob.id) == left
+        assert alice.wallet.peer_identity(bob.id).changed

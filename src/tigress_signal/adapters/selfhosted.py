@@ -333,6 +333,7 @@ class SelfHostedChannel(CredentialChannel):
             changes: list[RecordChange] = []
             try:
                 for device_id in sorted(new):
+                    self._refuse_if_untrusted(peer)
                     bundle = await self._client.fetch_bundle(peer, device_id)
                     (device,) = bundle.devices
                     address = ProtocolAddress(peer, device_id)
@@ -370,6 +371,7 @@ class SelfHostedChannel(CredentialChannel):
                 await self._bridge.evict([("session", f"{peer}.{d}") for d in gone])
 
     async def _start_sessions(self, peer: str, changes: list[RecordChange]) -> dict[int, int]:
+        self._refuse_if_untrusted(peer)
         try:
             bundle = await self._client.fetch_bundle(peer)
         except NotFound as exc:
@@ -656,6 +658,20 @@ class SelfHostedChannel(CredentialChannel):
         except UntrustedIdentity as exc:
             self._note_refused(exc)
             raise
+
+    def _refuse_if_untrusted(self, peer: str) -> None:
+        """Refuse, without asking the server, to start a session with a refused key.
+
+        A key the trust policy refused stays noted until the user trusts it. Fetching the
+        bundle again meanwhile would only meet the same refusal, and each fetch takes one of
+        the peer's one-time prekeys and a permit of the server's bundle rate limit, so outbox
+        retries would drain both while the user compares safety numbers.
+        """
+        refused = self._store.identity_seen(peer)
+        if refused is not None:
+            raise UntrustedIdentity(
+                f"identity key of {peer} is not trusted", peer=peer, identity_key=refused
+            )
 
     def _note_refused(self, refused: UntrustedIdentity) -> None:
         if refused.identity_key is not None and refused.peer:
