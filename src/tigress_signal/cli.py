@@ -260,8 +260,10 @@ _days = _bounded("days", 0, 3650, low_ok=False)
 
 
 def _device_id(text: str) -> int:
-    """An argparse type: a device id, 1 to 127."""
-    if not text.isdigit() or not 1 <= int(text) <= MAX_DEVICE_ID:
+    """An argparse type: a device id, 1 to 127, in ASCII digits."""
+    # str.isdigit() alone also passes a superscript two (which int() refuses) and other
+    # scripts' digits (which int() reads), so "1" would have more than one spelling.
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_DEVICE_ID:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device id (1 to {MAX_DEVICE_ID})")
     return int(text)
 

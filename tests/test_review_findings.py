@@ -1,0 +1,108 @@
+"""Findings of the review of device linking, first-device-wins shares and the CLI.
+
+Each test names a defect the review found (or a hostile input it tried), and fails when that
+behaviour comes back.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from test_cli_input import cli, refused
+from test_share_service import WAIT, receiving, send_raw, settle, token
+from tigress_signal.credentials import KeyImportRequest, Taken
+from tigress_signal.intermediary.config import IntermediaryConfig
+from tigress_signal.intermediary.server import IntermediaryServer
+from tigress_signal.shares.service import DigitalKeyTerms
+from tigress_signal.shares.states import ShareState
+from tigress_signal.wallet.wallet import Wallet
+
+
+@pytest.fixture
+async def people(tmp_path: Path) -> AsyncIterator[tuple[Wallet, Wallet, Wallet]]:
+    config = IntermediaryConfig(port=0, database_url=f"sqlite:///{tmp_path / 'server.db'}")
+    async with IntermediaryServer(config) as server:
+        alice = await Wallet.create(tmp_path / "alice", server.url)
+        bob = await Wallet.create(tmp_path / "bob", server.url)
+        carol = await Wallet.create(tmp_path / "carol", server.url)
+        async with alice, bob, carol, receiving(alice), receiving(bob), receiving(carol):
+            yield alice, bob, carol
+
+
+# -- hostile Taken and KeyImportRequest from peers -------------------------------------------
+
+
+async def test_taken_from_someone_other_than_the_sender_moves_nothing(people, caplog):
+    alice, bob, carol = people
+    caplog.set_level(logging.WARNING, logger="tigress_signal.shares.service")
+    share = await alice.shares.offer_provisioning(bob.account_id, token(), title="Room 12")
+    await bob.shares.wait_for(share.share_id, [ShareState.OFFERED], WAIT)
+
+    # Carol knows the share id and claims another device of Bob's took it.
+    await send_raw(carol, bob, Taken(share_id=uuid.UUID(share.share_id), device_id=2))
+    # And a Taken for a share nobody has.
+    await send_raw(carol, bob, Taken(share_id=uuid.uuid4(), device_id=2))
+    await settle(bob)
+    assert bob.shares.share(share.share_id).state is ShareState.OFFERED
+    assert sum("refused taken" in r.getMessage() for r in caplog.records) == 2
+
+    # The loop goes on, and Bob still redeems the share.
+    await bob.shares.accept(share.share_id)
+    await alice.shares.wait_for(share.share_id, [ShareState.ACCEPTED], WAIT)
+    assert len(bob.shares.credentials()) == 1
+
+
+async def test_taken_sent_to_the_sender_moves_nothing(people, caplog):
+    alice, bob, _ = people
+    caplog.set_level(logging.WARNING, logger="tigress_signal.shares.service")
+    share = await alice.shares.offer_provisioning(bob.account_id, token(), title="Room 12")
+    await bob.shares.wait_for(share.share_id, [ShareState.OFFERED], WAIT)
+    await send_raw(bob, alice, Taken(share_id=uuid.UUID(share.share_id), device_id=1))
+    await settle(alice)
+    assert alice.shares.share(share.share_id).state is ShareState.OFFERED
+    assert alice.shares.share(share.share_id).answered_by_device is None
+
+
+async def test_taken_naming_this_device_changes_nothing(people):
+    alice, bob, _ = people
+    share = await alice.shares.offer_provisioning(bob.account_id, token(), title="Room 12")
+    await bob.shares.wait_for(share.share_id, [ShareState.OFFERED], WAIT)
+    await send_raw(alice, bob, Taken(share_id=uuid.UUID(share.share_id), device_id=1))
+    await settle(bob)
+    assert bob.shares.share(share.share_id).state is ShareState.OFFERED
+
+
+async def test_a_stateful_key_already_stored_is_not_dropped_by_a_late_taken(people):
+    alice, bob, _ = people
+    now = datetime.now(UTC)
+    terms = DigitalKeyTerms("door-1", ("unlock",), now, now + timedelta(days=1))
+    share = await alice.shares.offer_digital_key(bob.account_id, terms, title="Door")
+    await bob.shares.wait_for(share.share_id, [ShareState.OFFERED], WAIT)
+    await bob.shares.accept(share.share_id)
+    await bob.shares.wait_for(share.share_id, [ShareState.ACCEPTED], WAIT)
+    sid = uuid.UUID(share.share_id)
+    await send_raw(alice, bob, Taken(share_id=sid, device_id=5))
+    endorsement = bob.shares.digital_key(share.share_id).endorsement
+    late = KeyImportRequest(share_id=sid, endorsement=endorsement, device_id=7)
+    await send_raw(alice, bob, late)
+    await settle(bob)
+    assert bob.shares.share(share.share_id).state is ShareState.ACCEPTED
+    assert len(bob.shares.credentials()) == 1
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["\u00b2", "\u0661", "\u06f3", "1\u0662"])
+def test_remove_device_takes_ascii_digits_only(text, tmp_path):
+    # A superscript two passes str.isdigit() but not int(), so argparse printed its own message
+    # naming the private parser function; an Arabic-Indic one was taken as device 1.
+    result = cli("wallet", "remove-device", "--wallet", str(tmp_path / "w"), text)
+    refused(result, 2, "is not a device id (1 to 127)")
+    assert "_device_id" not in result.stderr
