@@ -16,12 +16,15 @@ import pytest
 
 from test_cli_input import cli, refused
 from test_share_service import WAIT, receiving, send_raw, settle, token
+from test_transfer_processes import ok, server
 from tigress_signal.credentials import KeyImportRequest, Taken
 from tigress_signal.intermediary.config import IntermediaryConfig
 from tigress_signal.intermediary.server import IntermediaryServer
 from tigress_signal.shares.service import DigitalKeyTerms
 from tigress_signal.shares.states import ShareState
 from tigress_signal.wallet.wallet import Wallet
+
+__all__ = ["server"]  # the fixture is used by name below
 
 
 @pytest.fixture
@@ -106,3 +109,19 @@ def test_remove_device_takes_ascii_digits_only(text, tmp_path):
     result = cli("wallet", "remove-device", "--wallet", str(tmp_path / "w"), text)
     refused(result, 2, "is not a device id (1 to 127)")
     assert "_device_id" not in result.stderr
+
+
+def test_a_removed_device_says_so_and_fails(server, tmp_path):
+    # A device removed from its account got 401 on every reconnect; inbox logged a warning per
+    # retry, then printed "no shares" and exited 0 as if all were well.
+    phone, tablet = tmp_path / "phone", tmp_path / "tablet"
+    ok("wallet", "init", str(phone), "--server", server)
+    request = ok("wallet", "link-request", str(tablet))
+    answer = ok("wallet", "link", "--wallet", str(phone), request)
+    ok("wallet", "link-finish", str(tablet), answer)
+    ok("wallet", "remove-device", "--wallet", str(phone), "2")
+    for command in (["inbox"], ["sync"], ["wallet", "devices"]):
+        result = cli(*command, "--wallet", str(tablet))
+        refused(result, 1, "removed from its account")
+        assert "no shares" not in result.stdout
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -530,9 +530,9 @@ async def _running(folder: Path, *, idle: float = 0.0) -> AsyncIterator[Wallet]:
     try:
         loop_task = asyncio.create_task(wallet.shares.run(), name="receive loop")
         try:
-            await wallet.shares.wait_idle(idle)
+            await _wait_idle_or_failed(wallet, loop_task, idle)
             yield wallet
-            await wallet.shares.wait_idle(idle)
+            await _wait_idle_or_failed(wallet, loop_task, idle)
         finally:
             await wallet.channel.close()
             loop_task.cancel()
@@ -540,6 +540,23 @@ async def _running(folder: Path, *, idle: float = 0.0) -> AsyncIterator[Wallet]:
                 await loop_task
     finally:
         await wallet.aclose()
+
+
+async def _wait_idle_or_failed(wallet: Wallet, loop_task: asyncio.Task[None], idle: float) -> None:
+    """Let the wallet go quiet for ``idle``; raise at once what ended its receive loop.
+
+    A loop that ends with an error (the intermediary refused the device's credentials, say)
+    must fail the command, not leave it to report an empty inbox as if all were well.
+    """
+    quiet = asyncio.create_task(wallet.shares.wait_idle(idle), name="wait idle")
+    try:
+        await asyncio.wait({quiet, loop_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        quiet.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await quiet
+    if loop_task.done() and not loop_task.cancelled():
+        loop_task.result()  # raises the loop's error, if any
 
 
 _FINAL_STATES = (
