@@ -6,6 +6,7 @@ behaviour comes back.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -18,10 +19,12 @@ from test_cli_input import cli, refused
 from test_share_service import WAIT, receiving, send_raw, settle, token
 from test_transfer_processes import ok, server
 from tigress_signal.credentials import KeyImportRequest, Taken
+from tigress_signal.errors import ConfigError, DeviceLinkError, StoreError
 from tigress_signal.intermediary.config import IntermediaryConfig
 from tigress_signal.intermediary.server import IntermediaryServer
 from tigress_signal.shares.service import DigitalKeyTerms
 from tigress_signal.shares.states import ShareState
+from tigress_signal.wallet.linking import make_link_request, open_link_answer, parse_link_request
 from tigress_signal.wallet.wallet import Wallet
 
 __all__ = ["server"]  # the fixture is used by name below
@@ -125,3 +128,61 @@ def test_a_removed_device_says_so_and_fails(server, tmp_path):
         refused(result, 1, "removed from its account")
         assert "no shares" not in result.stdout
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# -- link requests and answers ---------------------------------------------------------------
+
+
+async def test_link_finish_on_a_registered_wallet_says_what_the_folder_is(tmp_path):
+    # It said "alice is already linked to an account", though alice was never linked.
+    config = IntermediaryConfig(port=0, database_url=f"sqlite:///{tmp_path / 'server.db'}")
+    async with IntermediaryServer(config) as server:
+        async with await Wallet.create(tmp_path / "alice", server.url) as alice:
+            request = await Wallet.link_request(tmp_path / "tablet")
+            answer = (await alice.answer_link(request.line)).line
+        with pytest.raises(StoreError, match="holds a registered wallet") as caught:
+            await Wallet.finish_link(tmp_path / "alice", answer)
+        assert "already linked" not in str(caught.value)
+        assert "wallet link-request" in caught.value.user_message()
+
+
+@pytest.mark.parametrize(
+    ("parse", "text"),
+    [
+        (parse_link_request, "tslink1-req."),
+        (parse_link_request, "tslink1-req.   "),
+        (lambda text: open_link_answer(text, make_link_request()[1]), "tslink1-ans."),
+    ],
+)
+def test_a_prefix_alone_is_called_cut_short(parse, text):
+    # It said the (empty) rest "holds characters that are not base64url".
+    with pytest.raises(DeviceLinkError, match="nothing after") as caught:
+        parse(text)
+    assert "not base64url" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("parse", "text"),
+    [
+        (parse_link_request, "tslink1-req.abc*"),
+        (parse_link_request, "tslink1-req.AAAAA"),
+        (lambda text: open_link_answer(text, make_link_request()[1]), "tslink1-ans.abc*"),
+        (lambda text: open_link_answer(text, make_link_request()[1]), "tslink1-ans.AAAAA"),
+    ],
+)
+def test_a_copying_mistake_gives_one_piece_of_advice(parse, text):
+    # The message said "copy the whole line" and the hint said it again; for an answer the
+    # hint asked for a new answer, though the old one only needed copying again.
+    with pytest.raises(DeviceLinkError) as caught:
+        parse(text)
+    message = caught.value.user_message()
+    assert message.count("copy the whole line") == 1, message
+    assert "new answer" not in message
+
+
+def test_link_request_refuses_a_dangling_symlink_clearly(tmp_path):
+    # It said "cannot create dangling: File exists".
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="is a symbolic link"):
+        asyncio.run(Wallet.link_request(tmp_path / "dangling"))
+    assert not (tmp_path / "nowhere").exists()

@@ -208,7 +208,8 @@ def open_link_answer(text: str, private_key_pem: bytes) -> LinkSecrets:
     data = _unb64url(line.removeprefix(ANSWER_PREFIX), InvalidLinkAnswer, "link answer")
     if len(data) < _HEADER_BYTES + _TAG_BYTES + 2:
         raise InvalidLinkAnswer(
-            f"the link answer holds only {len(data)} bytes; it was cut short when copied"
+            f"the link answer holds only {len(data)} bytes; it was cut short when copied",
+            hint=_COPY_ANSWER_HINT,
         )
     private_key = _load_private(private_key_pem)
     own_point = _point(private_key.public_key())
@@ -313,15 +314,23 @@ def _b64url(data: bytes) -> str:
 def _unb64url(
     text: str, error: type[InvalidLinkRequest] | type[InvalidLinkAnswer], what: str
 ) -> bytes:
-    if not text or any(c not in _B64URL_ALPHABET for c in text):
-        raise error(f"the {what} holds characters that are not base64url; copy the whole line")
+    # A copying mistake needs the same line copied again, not a new request or answer; the
+    # request's own hint already says so, the answer's asks for a new answer, so it is replaced.
+    hint = _COPY_ANSWER_HINT if error is InvalidLinkAnswer else None
+    if not text:
+        raise error(f"the {what} has nothing after its prefix: it was cut short", hint=hint)
+    if any(c not in _B64URL_ALPHABET for c in text):
+        raise error(f"the {what} holds characters that are not base64url", hint=hint)
     if len(text) % 4 == 1:
         # No base64 text has this length: characters were lost when it was copied.
-        raise error(f"the {what} was cut short when copied; copy the whole line")
+        raise error(f"the {what} was cut short when copied", hint=hint)
     try:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as exc:
-        raise error(f"the {what} is not base64url text; copy the whole line") from exc
+        raise error(f"the {what} is not base64url text", hint=hint) from exc
+
+
+_COPY_ANSWER_HINT = "copy the whole line 'wallet link' printed on the existing device"
 
 
 _B64URL_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")

@@ -380,8 +380,17 @@ class Wallet:
         bridge = LibsignalBridge(record_source=store)
         client: IntermediaryClient | None = None
         try:
-            if store.account() is not None:
-                raise StoreError(f"{path} is already linked to an account")
+            existing = store.account()
+            if existing is not None and existing.device_id == 1:
+                # A primary device's folder was registered with 'wallet init', never linked.
+                raise StoreError(
+                    f"{path} holds a registered wallet, not a device waiting to be linked",
+                    hint="make the new device's folder with 'wallet link-request' first",
+                )
+            if existing is not None:
+                raise StoreError(
+                    f"{path} is already linked to an account (device {existing.device_id})"
+                )
             private_pem = store.pending_link()
             if private_pem is None:
                 raise StoreError(
@@ -701,6 +710,12 @@ def _claim_new_folder(path: Path) -> bool:
     """
     if not str(path).strip() or path == Path():
         raise ConfigError("name the folder for the new wallet")
+    if path.is_symlink() and not path.exists():
+        # mkdir would fail with a bare "File exists" on a link that points nowhere.
+        raise ConfigError(
+            f"{path} is a symbolic link to a path that does not exist",
+            hint="give a new or empty folder for the wallet",
+        )
     if path.exists():
         if not path.is_dir():
             raise ConfigError(f"{path} exists and is not a folder")
