@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -186,3 +190,50 @@ def test_link_request_refuses_a_dangling_symlink_clearly(tmp_path):
     with pytest.raises(ConfigError, match="is a symbolic link"):
         asyncio.run(Wallet.link_request(tmp_path / "dangling"))
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_accept_that_loses_the_race_to_another_device_fails(server, tmp_path):
+    # The losing device's 'accept --wait' printed "taken" and exited 0, as if it had the key.
+    phone, tablet, alice = tmp_path / "phone", tmp_path / "tablet", tmp_path / "alice"
+    bob_id = ok("wallet", "init", str(phone), "--server", server)
+    alice_id = ok("wallet", "init", str(alice), "--server", server)
+    ok(
+        "wallet",
+        "link-finish",
+        str(tablet),
+        ok("wallet", "link", "--wallet", str(phone), ok("wallet", "link-request", str(tablet))),
+    )
+    share_id = ok(
+        "share", "--wallet", str(alice), "--to", bob_id, "--digital-key", "gate", "--title", "Gate"
+    )
+    for device in (tablet, phone):
+        assert share_id in ok("inbox", "--wallet", str(device))
+    # The tablet asks for its key first; the phone asks while Alice has not answered yet.
+    assert ok("accept", "--wallet", str(tablet), share_id, "--wait", "0") == "key_requested"
+    losing = subprocess.Popen(
+        [sys.executable, "-m", "tigress_signal", "accept", "--wallet", str(phone), share_id,
+         "--wait", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        # Alice answers only once both key signing requests wait for her at the intermediary.
+        server_db = sqlite3.connect(tmp_path / "intermediary.sqlite3")
+        while waiting_for(server_db, alice_id) < 2:
+            assert losing.poll() is None, losing.communicate()
+            time.sleep(0.1)
+        while losing.poll() is None:
+            ok("sync", "--wallet", str(alice), "--idle", "1")
+        out, err = losing.communicate()
+    finally:
+        if losing.poll() is None:
+            losing.kill()
+            losing.wait()
+    assert out.strip() == "taken", err
+    assert losing.returncode == 1, err
+    assert "another device of this account" in err and "Traceback" not in err
+
+
+def waiting_for(server_db: sqlite3.Connection, account_id: str) -> int:
+    """How many messages the intermediary holds for an account."""
+    query = "SELECT count(*) FROM messages WHERE account_uuid = ?"
+    return int(server_db.execute(query, (account_id,)).fetchone()[0])

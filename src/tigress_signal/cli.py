@@ -450,7 +450,17 @@ async def _accept(args: argparse.Namespace) -> int:
         print(share.state.value)
     # With --wait, a share still waiting for its endorsement means the wait ran out.
     waited_in_vain = args.wait > 0 and share.state is ShareState.KEY_REQUESTED
-    return EXIT_FAILED if waited_in_vain else 0
+    if share.state is ShareState.TAKEN:
+        # This device asked for the key, but the sender honoured another device's request.
+        print(
+            "error: another device of this account accepted the share first; the credential"
+            " is on that device, not on this one",
+            file=sys.stderr,
+        )
+    elif share.state.is_final and share.state is not ShareState.ACCEPTED:
+        print(f"error: the share ended {share.state.value} while waiting", file=sys.stderr)
+    ended_otherwise = share.state.is_final and share.state is not ShareState.ACCEPTED
+    return EXIT_FAILED if waited_in_vain or ended_otherwise else 0
 
 
 async def _decline(args: argparse.Namespace) -> int:
