@@ -237,3 +237,21 @@ def waiting_for(server_db: sqlite3.Connection, account_id: str) -> int:
     """How many messages the intermediary holds for an account."""
     query = "SELECT count(*) FROM messages WHERE account_uuid = ?"
     return int(server_db.execute(query, (account_id,)).fetchone()[0])
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["wallet", "show", "{f}"],
+        ["inbox", "--wallet", "{f}"],
+        ["wallet", "link-finish", "{f}", "tslink1-ans.AAAA"],
+    ],
+)
+def test_a_command_on_an_empty_folder_leaves_it_empty(command, tmp_path):
+    # Each left a wallet.lock behind, after which 'wallet init' and 'wallet link-request'
+    # refused the folder as "not empty".
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    refused(cli(*[part.format(f=folder) for part in command]), 1, "is not a wallet")
+    assert list(folder.iterdir()) == []
+    assert ok("wallet", "link-request", str(folder)).startswith("tslink1-req.")
