@@ -137,27 +137,35 @@ def _parser() -> argparse.ArgumentParser:
     link_request = wallet.add_parser(
         "link-request", help="new device: make a wallet folder waiting to be linked"
     )
-    link_request.add_argument("folder", type=Path)
+    link_request.add_argument("folder", type=Path, help="a new or empty folder for the device")
     link_request.add_argument(
         "--show", action="store_true", help="print the request of a folder already waiting"
     )
     link_request.set_defaults(run=_wallet_link_request)
     link = wallet.add_parser("link", help="existing device: answer a new device's link request")
-    link.add_argument("--wallet", type=Path, required=True)
+    link.add_argument("--wallet", type=Path, required=True, help="the existing device's folder")
     link.add_argument("request", help="the line 'wallet link-request' printed on the new device")
     link.set_defaults(run=_wallet_link)
     link_finish = wallet.add_parser(
         "link-finish", help="new device: link the waiting folder with the existing one's answer"
     )
-    link_finish.add_argument("folder", type=Path)
+    link_finish.add_argument("folder", type=Path, help="the folder 'wallet link-request' made")
     link_finish.add_argument("answer", help="the line 'wallet link' printed on the other device")
     link_finish.set_defaults(run=_wallet_link_finish)
     devices = wallet.add_parser("devices", help="list the devices of a wallet's account")
-    devices.add_argument("--wallet", type=Path, required=True)
+    devices.add_argument("--wallet", type=Path, required=True, help="any device's wallet folder")
     devices.set_defaults(run=_wallet_devices)
-    remove = wallet.add_parser("remove-device", help="remove a device from a wallet's account")
-    remove.add_argument("--wallet", type=Path, required=True)
-    remove.add_argument("device_id", type=_device_id, metavar="ID")
+    remove = wallet.add_parser(
+        "remove-device",
+        help="remove a device from a wallet's account",
+        description="The primary device (1) may remove any other device; another device may"
+        " remove only itself. A removed device cannot connect again; link it anew from a new"
+        " folder.",
+    )
+    remove.add_argument("--wallet", type=Path, required=True, help="the removing device's folder")
+    remove.add_argument(
+        "device_id", type=_device_id, metavar="ID", help="the device id, as 'wallet devices' lists"
+    )
     remove.set_defaults(run=_wallet_remove_device)
 
     share = commands.add_parser("share", help="offer a credential to another wallet")
