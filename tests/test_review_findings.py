@@ -23,7 +23,7 @@ from test_cli_input import cli, refused
 from test_share_service import WAIT, receiving, send_raw, settle, token
 from test_transfer_processes import ok, server
 from tigress_signal.credentials import KeyImportRequest, Taken
-from tigress_signal.errors import ConfigError, DeviceLinkError, StoreError
+from tigress_signal.errors import ConfigError, DeviceLinkError, StoreError, UnknownShare
 from tigress_signal.intermediary.config import IntermediaryConfig
 from tigress_signal.intermediary.server import IntermediaryServer
 from tigress_signal.shares.service import DigitalKeyTerms
@@ -255,3 +255,17 @@ def test_a_command_on_an_empty_folder_leaves_it_empty(command, tmp_path):
     refused(cli(*[part.format(f=folder) for part in command]), 1, "is not a wallet")
     assert list(folder.iterdir()) == []
     assert ok("wallet", "link-request", str(folder)).startswith("tslink1-req.")
+
+
+async def test_export_of_a_taken_share_says_where_the_credential_went(people):
+    # 'export' and 'lock try' said only "no credential stored for share ...".
+    alice, bob, _ = people
+    share = await alice.shares.offer_provisioning(bob.account_id, token(), title="Room 12")
+    await bob.shares.wait_for(share.share_id, [ShareState.OFFERED], WAIT)
+    await send_raw(alice, bob, Taken(share_id=uuid.UUID(share.share_id), device_id=2))
+    await bob.shares.wait_for(share.share_id, [ShareState.TAKEN], WAIT)
+    for read in (bob.shares.credential, bob.shares.digital_key):
+        with pytest.raises(UnknownShare, match="another device of this account"):
+            read(share.share_id)
+    with pytest.raises(UnknownShare, match="no credential stored"):
+        bob.shares.credential(str(uuid.uuid4()))
