@@ -269,3 +269,18 @@ async def test_export_of_a_taken_share_says_where_the_credential_went(people):
             read(share.share_id)
     with pytest.raises(UnknownShare, match="no credential stored"):
         bob.shares.credential(str(uuid.uuid4()))
+
+
+def test_a_device_that_removes_itself_is_told_what_that_means(server, tmp_path):
+    # It printed only "removed device 2", and the folder then failed on every command.
+    phone, tablet = tmp_path / "phone", tmp_path / "tablet"
+    ok("wallet", "init", str(phone), "--server", server)
+    request = ok("wallet", "link-request", str(tablet))
+    ok("wallet", "link-finish", str(tablet), ok("wallet", "link", "--wallet", str(phone), request))
+    result = cli("wallet", "remove-device", "--wallet", str(tablet), "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "removed device 2"
+    assert "this device" in result.stderr and "can no longer connect" in result.stderr
+    assert [
+        line.split()[1] for line in ok("wallet", "devices", "--wallet", str(phone)).splitlines()
+    ] == ["1"]

@@ -389,7 +389,14 @@ async def _wallet_devices(args: argparse.Namespace) -> int:
 async def _wallet_remove_device(args: argparse.Namespace) -> int:
     async with await Wallet.open(args.wallet) as wallet:
         await wallet.remove_device(args.device_id)
+        itself = args.device_id == wallet.account.device_id
     print(f"removed device {args.device_id}")
+    if itself:
+        print(
+            f"that was this device: {args.wallet} can no longer connect; delete the folder, or"
+            " link it again from a new one",
+            file=sys.stderr,
+        )
     return 0
 
 
