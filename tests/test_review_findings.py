@@ -23,12 +23,20 @@ from test_cli_input import cli, refused
 from test_share_service import WAIT, receiving, send_raw, settle, token
 from test_transfer_processes import ok, server
 from tigress_signal.credentials import KeyImportRequest, Taken
-from tigress_signal.errors import ConfigError, DeviceLinkError, StoreError, UnknownShare
+from tigress_signal.errors import (
+    ConfigError,
+    DeviceLinkError,
+    StoreError,
+    StoreLocked,
+    UnknownShare,
+)
 from tigress_signal.intermediary.config import IntermediaryConfig
 from tigress_signal.intermediary.server import IntermediaryServer
 from tigress_signal.shares.service import DigitalKeyTerms
 from tigress_signal.shares.states import ShareState
+from tigress_signal.wallet import wallet as wallet_module
 from tigress_signal.wallet.linking import make_link_request, open_link_answer, parse_link_request
+from tigress_signal.wallet.store import WalletStore
 from tigress_signal.wallet.wallet import Wallet
 
 __all__ = ["server"]  # the fixture is used by name below
@@ -284,3 +292,37 @@ def test_a_device_that_removes_itself_is_told_what_that_means(server, tmp_path):
     assert [
         line.split()[1] for line in ok("wallet", "devices", "--wallet", str(phone)).splitlines()
     ] == ["1"]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [Wallet.link_request, lambda folder: Wallet.create(folder, "http://127.0.0.1:9")],
+    ids=["link-request", "init"],
+)
+async def test_a_new_wallet_that_finds_the_folder_locked_leaves_the_other_process_files(
+    make, tmp_path, monkeypatch
+):
+    # Two 'wallet link-request' (or 'wallet init') on one new folder: the second saw the folder
+    # still empty, then found it locked by the first, and its clean-up deleted the first one's
+    # database and lock file while the first was still writing into them.
+    folder = tmp_path / "tablet"
+    folder.mkdir()
+    first = WalletStore.open(folder)  # the other process, midway
+    try:
+        monkeypatch.setattr(wallet_module, "_claim_new_folder", lambda path: False)
+        monkeypatch.setattr(Path, "exists", _exists_except(folder / "wallet.sqlite3"))
+        with pytest.raises(StoreLocked):
+            await make(folder)
+        monkeypatch.undo()
+        assert (folder / "wallet.sqlite3").exists() and (folder / "wallet.lock").exists()
+    finally:
+        first.close()
+
+
+def _exists_except(hidden: Path):
+    real = Path.exists
+
+    def exists(self: Path, **kwargs: bool) -> bool:
+        return False if self == hidden else real(self, **kwargs)
+
+    return exists

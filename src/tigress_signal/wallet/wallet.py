@@ -34,6 +34,7 @@ from tigress_signal.errors import (
     InvalidLinkCode,
     NoSession,
     StoreError,
+    StoreLocked,
     TigressSignalError,
 )
 from tigress_signal.intermediary.client import IntermediaryClient
@@ -162,11 +163,7 @@ class Wallet:
             trust_policy=trust_policy, selfhosted=selfhosted_settings(server_url)
         )
         created = _claim_new_folder(path)
-        try:
-            store = WalletStore.open(path)
-        except BaseException:
-            _remove_if_created(path, created)
-            raise
+        store = _open_new_store(path, created)
         bridge = LibsignalBridge(record_source=store)
         client: IntermediaryClient | None = None
         try:
@@ -301,8 +298,9 @@ class Wallet:
                 hint="use a new folder, or show a waiting folder's request again with --show",
             )
         created = _claim_new_folder(path)
+        store = _open_new_store(path, created)
         try:
-            with WalletStore.open(path) as store:
+            with store:
                 line, private_pem, check_code = make_link_request()
                 with store.transaction() as conn:
                     store.save_pending_link(conn, private_pem)
@@ -729,6 +727,24 @@ def _claim_new_folder(path: Path) -> bool:
     except OSError as exc:
         raise ConfigError(f"cannot create {path}: {exc.strerror or exc}") from exc
     return True
+
+
+def _open_new_store(path: Path, created: bool) -> WalletStore:
+    """Open the store of a folder :func:`_claim_new_folder` accepted; undo the claim on failure.
+
+    Raises:
+        StoreLocked: another process took the folder meanwhile (its files stay: they are its).
+        StoreError: the store cannot be made.
+    """
+    try:
+        return WalletStore.open(path)
+    except StoreLocked:
+        # Another 'wallet init' or 'link-request' claimed the same empty folder a moment
+        # earlier and is writing into it: removing "our" files would delete its wallet.
+        raise
+    except BaseException:
+        _remove_if_created(path, created)
+        raise
 
 
 def _remove_if_created(path: Path, created: bool) -> None:
