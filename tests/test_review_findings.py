@@ -326,3 +326,14 @@ def _exists_except(hidden: Path):
         return False if self == hidden else real(self, **kwargs)
 
     return exists
+
+
+@pytest.mark.parametrize("command", [["serve"], ["relay", "serve"]])
+def test_serve_with_an_unusable_database_ends_without_a_traceback(command, tmp_path):
+    # The clear "error: cannot open SQLite database ..." line came after a full traceback
+    # that uvicorn logged for the app's failed start.
+    (tmp_path / "afile").write_text("not a folder")
+    database = f"sqlite:///{tmp_path / 'afile' / 'x.db'}"
+    result = cli(*command, "--port", "0", "--database", database)
+    refused(result, 1, "error: cannot open SQLite database")
+    assert "Not a directory" in result.stderr
