@@ -66,13 +66,9 @@ class _StartupTraceback(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if self._server.started or logging.getLogger().isEnabledFor(logging.DEBUG):
             return True
-        return not (record.levelno >= logging.ERROR and _is_traceback(record))
-
-
-def _is_traceback(record: logging.LogRecord) -> bool:
-    # starlette hands uvicorn the formatted traceback as the message; uvicorn may also log
-    # the exception itself with exc_info.
-    return record.exc_info is not None or str(record.msg).startswith("Traceback")
+        # Only the lifespan's failure arrives as a formatted traceback in the message (starlette
+        # sends it so); errors of other servers in this process, logged with exc_info, pass.
+        return not (record.levelno >= logging.ERROR and str(record.msg).startswith("Traceback"))
 
 
 def listen(host: str, port: int) -> socket.socket:
