@@ -35,7 +35,13 @@ from tigress_signal.intermediary.server import IntermediaryServer
 from tigress_signal.shares.service import DigitalKeyTerms
 from tigress_signal.shares.states import ShareState
 from tigress_signal.wallet import wallet as wallet_module
-from tigress_signal.wallet.linking import make_link_request, open_link_answer, parse_link_request
+from tigress_signal.wallet.linking import (
+    LinkSecrets,
+    make_link_request,
+    open_link_answer,
+    parse_link_request,
+    seal_link_answer,
+)
 from tigress_signal.wallet.store import WalletStore
 from tigress_signal.wallet.wallet import Wallet
 
@@ -337,3 +343,21 @@ def test_serve_with_an_unusable_database_ends_without_a_traceback(command, tmp_p
     result = cli(*command, "--port", "0", "--database", database)
     refused(result, 1, "error: cannot open SQLite database")
     assert "Not a directory" in result.stderr
+
+
+@pytest.mark.parametrize("damage", [b"\x00", b"-----BEGIN PRIVATE KEY-----\nAAAA\n", b""])
+async def test_a_damaged_link_request_key_is_one_line_not_a_traceback(damage, tmp_path):
+    # A waiting folder whose kept key cannot be read raised cryptography's ValueError, which
+    # the command line printed as a traceback.
+    folder = tmp_path / "tablet"
+    request = await Wallet.link_request(folder)
+    connection = sqlite3.connect(folder / "wallet.sqlite3", isolation_level=None)
+    connection.execute("UPDATE pending_link SET private_key_pem = ?", (damage,))
+    connection.close()
+    with pytest.raises(StoreError, match="damaged"):
+        Wallet.pending_link_request(folder)
+    secrets = LinkSecrets("http://127.0.0.1:9", "a", b"k", b"p", "code", 2**40, "tofu")
+    answer = seal_link_answer(parse_link_request(request.line), secrets)
+    with pytest.raises(StoreError, match="damaged") as caught:
+        await Wallet.finish_link(folder, answer)
+    assert "wallet link-request" in caught.value.user_message()
