@@ -141,27 +141,35 @@ def _parser() -> argparse.ArgumentParser:
     link_request = wallet.add_parser(
         "link-request", help="new device: make a wallet folder waiting to be linked"
     )
-    link_request.add_argument("folder", type=Path)
+    link_request.add_argument("folder", type=Path, help="a new or empty folder for the device")
     link_request.add_argument(
         "--show", action="store_true", help="print the request of a folder already waiting"
     )
     link_request.set_defaults(run=_wallet_link_request)
     link = wallet.add_parser("link", help="existing device: answer a new device's link request")
-    link.add_argument("--wallet", type=Path, required=True)
+    link.add_argument("--wallet", type=Path, required=True, help="the existing device's folder")
     link.add_argument("request", help="the line 'wallet link-request' printed on the new device")
     link.set_defaults(run=_wallet_link)
     link_finish = wallet.add_parser(
         "link-finish", help="new device: link the waiting folder with the existing one's answer"
     )
-    link_finish.add_argument("folder", type=Path)
+    link_finish.add_argument("folder", type=Path, help="the folder 'wallet link-request' made")
     link_finish.add_argument("answer", help="the line 'wallet link' printed on the other device")
     link_finish.set_defaults(run=_wallet_link_finish)
     devices = wallet.add_parser("devices", help="list the devices of a wallet's account")
-    devices.add_argument("--wallet", type=Path, required=True)
+    devices.add_argument("--wallet", type=Path, required=True, help="any device's wallet folder")
     devices.set_defaults(run=_wallet_devices)
-    remove = wallet.add_parser("remove-device", help="remove a device from a wallet's account")
-    remove.add_argument("--wallet", type=Path, required=True)
-    remove.add_argument("device_id", type=_device_id, metavar="ID")
+    remove = wallet.add_parser(
+        "remove-device",
+        help="remove a device from a wallet's account",
+        description="The primary device (1) may remove any other device; another device may"
+        " remove only itself. A removed device cannot connect again; link it anew from a new"
+        " folder.",
+    )
+    remove.add_argument("--wallet", type=Path, required=True, help="the removing device's folder")
+    remove.add_argument(
+        "device_id", type=_device_id, metavar="ID", help="the device id, as 'wallet devices' lists"
+    )
     remove.set_defaults(run=_wallet_remove_device)
     reset = wallet.add_parser(
         "reset-identity",
@@ -282,8 +290,10 @@ _days = _bounded("days", 0, 3650, low_ok=False)
 
 
 def _device_id(text: str) -> int:
-    """An argparse type: a device id, 1 to 127."""
-    if not text.isdigit() or not 1 <= int(text) <= MAX_DEVICE_ID:
+    """An argparse type: a device id, 1 to 127, in ASCII digits."""
+    # str.isdigit() alone also passes a superscript two (which int() refuses) and other
+    # scripts' digits (which int() reads), so "1" would have more than one spelling.
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_DEVICE_ID:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device id (1 to {MAX_DEVICE_ID})")
     return int(text)
 
@@ -401,7 +411,14 @@ async def _wallet_devices(args: argparse.Namespace) -> int:
 async def _wallet_remove_device(args: argparse.Namespace) -> int:
     async with await Wallet.open(args.wallet) as wallet:
         await wallet.remove_device(args.device_id)
+        itself = args.device_id == wallet.account.device_id
     print(f"removed device {args.device_id}")
+    if itself:
+        print(
+            f"that was this device: {args.wallet} can no longer connect; delete the folder, or"
+            " link it again from a new one",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -470,7 +487,17 @@ async def _accept(args: argparse.Namespace) -> int:
         print(share.state.value)
     # With --wait, a share still waiting for its endorsement means the wait ran out.
     waited_in_vain = args.wait > 0 and share.state is ShareState.KEY_REQUESTED
-    return EXIT_FAILED if waited_in_vain else 0
+    if share.state is ShareState.TAKEN:
+        # This device asked for the key, but the sender honoured another device's request.
+        print(
+            "error: another device of this account accepted the share first; the credential"
+            " is on that device, not on this one",
+            file=sys.stderr,
+        )
+    elif share.state.is_final and share.state is not ShareState.ACCEPTED:
+        print(f"error: the share ended {share.state.value} while waiting", file=sys.stderr)
+    ended_otherwise = share.state.is_final and share.state is not ShareState.ACCEPTED
+    return EXIT_FAILED if waited_in_vain or ended_otherwise else 0
 
 
 async def _decline(args: argparse.Namespace) -> int:
@@ -591,9 +618,9 @@ async def _running(folder: Path, *, idle: float = 0.0) -> AsyncIterator[Wallet]:
     try:
         loop_task = asyncio.create_task(wallet.shares.run(), name="receive loop")
         try:
-            await wallet.shares.wait_idle(idle)
+            await _wait_idle_or_failed(wallet, loop_task, idle)
             yield wallet
-            await wallet.shares.wait_idle(idle)
+            await _wait_idle_or_failed(wallet, loop_task, idle)
         finally:
             await wallet.channel.close()
             loop_task.cancel()
@@ -601,6 +628,23 @@ async def _running(folder: Path, *, idle: float = 0.0) -> AsyncIterator[Wallet]:
                 await loop_task
     finally:
         await wallet.aclose()
+
+
+async def _wait_idle_or_failed(wallet: Wallet, loop_task: asyncio.Task[None], idle: float) -> None:
+    """Let the wallet go quiet for ``idle``; raise at once what ended its receive loop.
+
+    A loop that ends with an error (the intermediary refused the device's credentials, say)
+    must fail the command, not leave it to report an empty inbox as if all were well.
+    """
+    quiet = asyncio.create_task(wallet.shares.wait_idle(idle), name="wait idle")
+    try:
+        await asyncio.wait({quiet, loop_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        quiet.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await quiet
+    if loop_task.done() and not loop_task.cancelled():
+        loop_task.result()  # raises the loop's error, if any
 
 
 _FINAL_STATES = (

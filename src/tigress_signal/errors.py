@@ -206,7 +206,10 @@ class ServerApiError(TigressSignalError):
 class AuthenticationFailed(ServerApiError):
     """401: the account id or device password is wrong."""
 
-    hint = "check the wallet's account id and password, or register the wallet again"
+    hint = (
+        "this device was removed from its account, or the wallet's account id or password is"
+        " wrong; link a removed device again from a new folder with 'wallet link-request'"
+    )
 
 
 class NotFound(ServerApiError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import socket
 import tomllib
 from collections.abc import Iterator
@@ -37,6 +38,9 @@ class QuietServer(uvicorn.Server):
 
 async def run_server(server: uvicorn.Server, sock: socket.socket) -> None:
     """Serve on ``sock`` until told to stop; returns early when the start failed."""
+    quiet_start = _StartupTraceback(server)
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addFilter(quiet_start)
     try:
         await server.serve(sockets=[sock])
     except SystemExit:
@@ -44,6 +48,27 @@ async def run_server(server: uvicorn.Server, sock: socket.socket) -> None:
         # app's lifespan, is reported to the caller instead (see startup_error).
         if server.started:
             raise
+    finally:
+        uvicorn_log.removeFilter(quiet_start)
+
+
+class _StartupTraceback(logging.Filter):
+    """Drops the traceback uvicorn logs when the app fails to start, unless debugging.
+
+    The caller reports that failure as one line (see :func:`startup_error`); the traceback
+    before it would only bury the line. With debug logging on, it is kept.
+    """
+
+    def __init__(self, server: uvicorn.Server) -> None:
+        super().__init__()
+        self._server = server
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._server.started or logging.getLogger().isEnabledFor(logging.DEBUG):
+            return True
+        # Only the lifespan's failure arrives as a formatted traceback in the message (starlette
+        # sends it so); errors of other servers in this process, logged with exc_info, pass.
+        return not (record.levelno >= logging.ERROR and str(record.msg).startswith("Traceback"))
 
 
 def listen(host: str, port: int) -> socket.socket:

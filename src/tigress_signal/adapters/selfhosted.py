@@ -49,6 +49,7 @@ from tigress_signal.bridge.libsignal import (
 from tigress_signal.bridge.records import IdentityChanged, RecordChange
 from tigress_signal.channel import CredentialChannel, IncomingMessage, SealedMessage
 from tigress_signal.errors import (
+    AuthenticationFailed,
     BridgeUnavailable,
     ChannelClosed,
     ChannelError,
@@ -390,7 +391,13 @@ class SelfHostedChannel(CredentialChannel):
     # -- receiving ------------------------------------------------------------------------------
 
     async def receive(self) -> AsyncIterator[IncomingMessage]:
-        """Yield decrypted transfer messages; reconnects with backoff until :meth:`close`."""
+        """Yield decrypted transfer messages; reconnects with backoff until :meth:`close`.
+
+        Raises:
+            AuthenticationFailed: the intermediary refused this device's credentials (the
+                device was removed from its account, say). Retrying cannot help, so the
+                receive loop ends instead of reconnecting for ever.
+        """
         delay = _RECONNECT_FIRST_DELAY
         while not self._closed.is_set():
             try:
@@ -408,6 +415,8 @@ class SelfHostedChannel(CredentialChannel):
                         incoming = await self._open(delivery.envelope, delivery.acknowledge)
                         if incoming is not None:
                             yield incoming
+            except AuthenticationFailed:
+                raise
             except (ServerApiError, ChannelError, OSError) as exc:
                 if self._closed.is_set():
                     break

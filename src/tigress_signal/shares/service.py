@@ -513,6 +513,14 @@ class ShareService:
             (share_id,),
         ).fetchone()
         if row is None:
+            state = self._store.connection.execute(
+                "SELECT state FROM shares WHERE share_id = ?", (share_id,)
+            ).fetchone()
+            if state is not None and state[0] == ShareState.TAKEN.value:
+                raise UnknownShare(
+                    f"share {share_id} was taken by another device of this account;"
+                    " the credential is on that device"
+                )
             raise UnknownShare(f"no credential stored for share {share_id}")
         return StoredCredential(row[0], row[1], row[2], bytes(row[3]), row[4])
 

@@ -36,13 +36,13 @@ import json
 import os
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from tigress_signal.errors import InvalidLinkAnswer, InvalidLinkRequest
+from tigress_signal.errors import InvalidLinkAnswer, InvalidLinkRequest, StoreError
 
 #: What every link request and link answer starts with (format version 1).
 REQUEST_PREFIX = "tslink1-req."
@@ -124,7 +124,11 @@ def make_link_request() -> tuple[str, bytes, str]:
 
 
 def request_of(private_key_pem: bytes) -> tuple[str, str]:
-    """The link request line and check code for a kept private key (to show them again)."""
+    """The link request line and check code for a kept private key (to show them again).
+
+    Raises:
+        StoreError: the kept key does not load (the waiting folder was damaged).
+    """
     public = _load_private(private_key_pem).public_key()
     point = _point(public)
     return REQUEST_PREFIX + _b64url(point), format_check_code(_fingerprint(point))
@@ -194,6 +198,7 @@ def open_link_answer(text: str, private_key_pem: bytes) -> LinkSecrets:
     Raises:
         InvalidLinkAnswer: the text is not a link answer, is cut short, was made for another
             request, or was changed on the way (the AES-GCM tag does not verify).
+        StoreError: ``private_key_pem`` does not load (the waiting folder was damaged).
     """
     line = text.strip()
     if line.startswith(REQUEST_PREFIX):
@@ -208,7 +213,8 @@ def open_link_answer(text: str, private_key_pem: bytes) -> LinkSecrets:
     data = _unb64url(line.removeprefix(ANSWER_PREFIX), InvalidLinkAnswer, "link answer")
     if len(data) < _HEADER_BYTES + _TAG_BYTES + 2:
         raise InvalidLinkAnswer(
-            f"the link answer holds only {len(data)} bytes; it was cut short when copied"
+            f"the link answer holds only {len(data)} bytes; it was cut short when copied",
+            hint=_COPY_ANSWER_HINT,
         )
     private_key = _load_private(private_key_pem)
     own_point = _point(private_key.public_key())
@@ -290,10 +296,23 @@ def _answer_key(shared: bytes, request_point: bytes, ephemeral_point: bytes) -> 
 
 
 def _load_private(pem: bytes) -> ec.EllipticCurvePrivateKey:
-    key = serialization.load_pem_private_key(pem, password=None)
+    # The key was written by make_link_request; one that does not load means the waiting
+    # folder's store was damaged, and no answer can be opened with it any more.
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise StoreError(
+            "the link request key this folder kept is damaged", hint=_DAMAGED_KEY_HINT
+        ) from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise InvalidLinkAnswer("the kept link request key is not an EC key")
+        raise StoreError(
+            "the link request key this folder kept is damaged (not a P-256 key)",
+            hint=_DAMAGED_KEY_HINT,
+        )
     return key
+
+
+_DAMAGED_KEY_HINT = "start again with 'wallet link-request' in a new folder"
 
 
 def _point(public_key: ec.EllipticCurvePublicKey) -> bytes:
@@ -313,15 +332,23 @@ def _b64url(data: bytes) -> str:
 def _unb64url(
     text: str, error: type[InvalidLinkRequest] | type[InvalidLinkAnswer], what: str
 ) -> bytes:
-    if not text or any(c not in _B64URL_ALPHABET for c in text):
-        raise error(f"the {what} holds characters that are not base64url; copy the whole line")
+    # A copying mistake needs the same line copied again, not a new request or answer; the
+    # request's own hint already says so, the answer's asks for a new answer, so it is replaced.
+    hint = _COPY_ANSWER_HINT if error is InvalidLinkAnswer else None
+    if not text:
+        raise error(f"the {what} has nothing after its prefix: it was cut short", hint=hint)
+    if any(c not in _B64URL_ALPHABET for c in text):
+        raise error(f"the {what} holds characters that are not base64url", hint=hint)
     if len(text) % 4 == 1:
         # No base64 text has this length: characters were lost when it was copied.
-        raise error(f"the {what} was cut short when copied; copy the whole line")
+        raise error(f"the {what} was cut short when copied", hint=hint)
     try:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as exc:
-        raise error(f"the {what} is not base64url text; copy the whole line") from exc
+        raise error(f"the {what} is not base64url text", hint=hint) from exc
+
+
+_COPY_ANSWER_HINT = "copy the whole line 'wallet link' printed on the existing device"
 
 
 _B64URL_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")

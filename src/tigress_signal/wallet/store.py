@@ -243,6 +243,10 @@ class WalletStore:
             if not create:
                 raise StoreError(f"no wallet folder at {path}")
             path.mkdir(parents=True, mode=0o700)
+        if not create and not (path / DATABASE_NAME).exists():
+            # Checked before the lock file is made: a folder that is not a wallet stays as it
+            # was, so a later 'wallet init' or 'wallet link-request' can still use it.
+            raise StoreError(f"{path} is not a wallet (no {DATABASE_NAME})")
         lock_file = cls._take_lock(path)
         try:
             db_path = path / DATABASE_NAME

@@ -34,6 +34,7 @@ from tigress_signal.errors import (
     InvalidLinkAnswer,
     InvalidLinkCode,
     StoreError,
+    StoreLocked,
     TigressSignalError,
 )
 from tigress_signal.intermediary.client import IntermediaryClient
@@ -179,11 +180,7 @@ class Wallet:
             trust_policy=trust_policy, selfhosted=selfhosted_settings(server_url)
         )
         created = _claim_new_folder(path)
-        try:
-            store = WalletStore.open(path)
-        except BaseException:
-            _remove_if_created(path, created)
-            raise
+        store = _open_new_store(path, created)
         bridge = LibsignalBridge(record_source=store)
         client: IntermediaryClient | None = None
         try:
@@ -318,8 +315,9 @@ class Wallet:
                 hint="use a new folder, or show a waiting folder's request again with --show",
             )
         created = _claim_new_folder(path)
+        store = _open_new_store(path, created)
         try:
-            with WalletStore.open(path) as store:
+            with store:
                 line, private_pem, check_code = make_link_request()
                 with store.transaction() as conn:
                     store.save_pending_link(conn, private_pem)
@@ -397,8 +395,17 @@ class Wallet:
         bridge = LibsignalBridge(record_source=store)
         client: IntermediaryClient | None = None
         try:
-            if store.account() is not None:
-                raise StoreError(f"{path} is already linked to an account")
+            existing = store.account()
+            if existing is not None and existing.device_id == 1:
+                # A primary device's folder was registered with 'wallet init', never linked.
+                raise StoreError(
+                    f"{path} holds a registered wallet, not a device waiting to be linked",
+                    hint="make the new device's folder with 'wallet link-request' first",
+                )
+            if existing is not None:
+                raise StoreError(
+                    f"{path} is already linked to an account (device {existing.device_id})"
+                )
             private_pem = store.pending_link()
             if private_pem is None:
                 raise StoreError(
@@ -780,6 +787,12 @@ def _claim_new_folder(path: Path) -> bool:
     """
     if not str(path).strip() or path == Path():
         raise ConfigError("name the folder for the new wallet")
+    if path.is_symlink() and not path.exists():
+        # mkdir would fail with a bare "File exists" on a link that points nowhere.
+        raise ConfigError(
+            f"{path} is a symbolic link to a path that does not exist",
+            hint="give a new or empty folder for the wallet",
+        )
     if path.exists():
         if not path.is_dir():
             raise ConfigError(f"{path} exists and is not a folder")
@@ -793,6 +806,24 @@ def _claim_new_folder(path: Path) -> bool:
     except OSError as exc:
         raise ConfigError(f"cannot create {path}: {exc.strerror or exc}") from exc
     return True
+
+
+def _open_new_store(path: Path, created: bool) -> WalletStore:
+    """Open the store of a folder :func:`_claim_new_folder` accepted; undo the claim on failure.
+
+    Raises:
+        StoreLocked: another process took the folder meanwhile (its files stay: they are its).
+        StoreError: the store cannot be made.
+    """
+    try:
+        return WalletStore.open(path)
+    except StoreLocked:
+        # Another 'wallet init' or 'link-request' claimed the same empty folder a moment
+        # earlier and is writing into it: removing "our" files would delete its wallet.
+        raise
+    except BaseException:
+        _remove_if_created(path, created)
+        raise
 
 
 def _remove_if_created(path: Path, created: bool) -> None:
