@@ -27,7 +27,7 @@ import functools
 import logging
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Literal, Protocol, TypeVar, cast
@@ -128,10 +128,13 @@ class Database:
     migrations are applied with :meth:`upgrade` (see :mod:`tigress_signal.storage.migrations`).
 
     Note:
-        SQLite allows one writer at a time, so this class keeps a single connection and runs
-        one transaction (or statement) at a time on it, queueing the others; transactions
-        begin with ``BEGIN IMMEDIATE`` so another process writing the same file makes us wait
-        (up to the busy timeout) at the start instead of failing half-way through.
+        SQLite allows one writer at a time, so this class keeps a single writing connection
+        and runs one transaction (or statement) at a time on it, queueing the others;
+        transactions begin with ``BEGIN IMMEDIATE`` so another process writing the same file
+        makes us wait (up to the busy timeout) at the start instead of failing half-way
+        through. Single ``SELECT`` statements (:meth:`fetch` and its kin) run on a second,
+        read-only connection and wait for no transaction. Each connection has its own
+        thread, and each statement is one hand-over to it.
     """
 
     def __init__(self, backend: _Backend, url: str) -> None:
@@ -211,18 +214,22 @@ class Database:
             return await conn.execute(sql, *params)
 
     async def fetch(self, sql: str, *params: object) -> list[Row]:
-        """Run one query on its own; see :meth:`Connection.fetch`."""
-        async with self._backend.statement() as conn:
+        """Run one query on its own; see :meth:`Connection.fetch`.
+
+        On SQLite a ``SELECT`` runs on a read-only connection of its own, beside whatever
+        transaction is writing (WAL lets it), and sees every transaction committed so far.
+        """
+        async with self._backend.statement(read_only=_is_select(sql)) as conn:
             return await conn.fetch(sql, *params)
 
     async def fetchrow(self, sql: str, *params: object) -> Row | None:
-        """Run one query on its own; see :meth:`Connection.fetchrow`."""
-        async with self._backend.statement() as conn:
+        """Run one query on its own; see :meth:`Connection.fetchrow` and :meth:`fetch`."""
+        async with self._backend.statement(read_only=_is_select(sql)) as conn:
             return await conn.fetchrow(sql, *params)
 
     async def fetchval(self, sql: str, *params: object) -> Any:
-        """Run one query on its own; see :meth:`Connection.fetchval`."""
-        async with self._backend.statement() as conn:
+        """Run one query on its own; see :meth:`Connection.fetchval` and :meth:`fetch`."""
+        async with self._backend.statement(read_only=_is_select(sql)) as conn:
             return await conn.fetchval(sql, *params)
 
     async def notify(self, channel: str, payload: str) -> None:
@@ -309,7 +316,12 @@ class _Backend(Protocol):
 
     def transaction(self) -> AbstractAsyncContextManager[Connection]: ...
 
-    def statement(self) -> AbstractAsyncContextManager[Connection]: ...
+    def statement(self, *, read_only: bool = False) -> AbstractAsyncContextManager[Connection]: ...
+
+
+def _is_select(sql: str) -> bool:
+    """Whether a statement is a plain query (a ``WITH`` may hide a write, so it is not)."""
+    return sql.lstrip()[:6].upper() == "SELECT"
 
 
 def _sqlite_path(url: str) -> str:
@@ -340,9 +352,11 @@ class _SqliteConnection:
 
     dialect: Dialect = "sqlite"
 
-    def __init__(self, backend: _SqliteBackend, *, begin: bool) -> None:
-        self._backend = backend
-        self._db = backend.db
+    def __init__(
+        self, db: sqlite3.Connection, call: Callable[..., Awaitable[Any]], *, begin: bool
+    ) -> None:
+        self._db = db
+        self._call = call
         self._begin_pending = begin
         self.began = False
 
@@ -367,7 +381,7 @@ class _SqliteConnection:
 
     async def _run(self, work: Callable[[str, Any], _T], sql: str, params: Any) -> _T:
         try:
-            return await self._backend.call(self._prepared, work, sql, params)
+            return cast(_T, await self._call(self._prepared, work, sql, params))
         except sqlite3.Error as exc:
             raise _store_error(exc) from exc
 
@@ -401,42 +415,41 @@ class _SqliteConnection:
 
 
 class _SqliteBackend:
-    """One sqlite3 connection in a thread of its own, used by one transaction at a time.
+    """A writing sqlite3 connection in a thread of its own, used by one transaction at a
+    time, and a read-only one in another thread for single queries.
 
-    Every database call is one hand-over to that thread and back; a delivery makes several,
+    Every database call is one hand-over to a thread and back; a delivery makes several,
     and under load each hand-over waits for the scheduler, so they are kept to one per
-    statement (plus one for the ``COMMIT``).
+    statement (plus one for the ``COMMIT``). Queries on the reader wait for no transaction.
     """
 
     dialect: Dialect = "sqlite"
 
-    def __init__(self, db: sqlite3.Connection, thread: ThreadPoolExecutor) -> None:
-        self.db = db
-        self._thread = thread
+    def __init__(self, writer: _SqliteThread, reader: _SqliteThread | None) -> None:
+        self._writer = writer
+        self._reader = reader
+        self.db = writer.db
         self._lock = asyncio.Lock()
         self._closed = False
 
     @classmethod
     async def connect(cls, path: str, busy_timeout_ms: int) -> _SqliteBackend:
-        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
-        loop = asyncio.get_running_loop()
-        try:
-            db = await loop.run_in_executor(thread, _open_sqlite, path, busy_timeout_ms)
-        except sqlite3.Error as exc:
-            thread.shutdown(wait=False)
-            raise StoreError(
-                f"cannot open SQLite database {path!r}: {exc}",
-                hint="check that the folder exists and is writable",
-            ) from exc
-        except BaseException:
-            thread.shutdown(wait=False)
-            raise
+        writer = await _SqliteThread.open(path, busy_timeout_ms, read_only=False)
+        # A second connection to ":memory:" would be another, empty database.
+        if path == ":memory:":
+            reader = None
+        else:
+            try:
+                reader = await _SqliteThread.open(path, busy_timeout_ms, read_only=True)
+            except BaseException:
+                await writer.close()
+                raise
         logger.debug("opened SQLite database %s", path)
-        return cls(db, thread)
+        return cls(writer, reader)
 
     async def call(self, work: Callable[..., _T], *args: Any) -> _T:
-        """Run ``work(*args)`` in the database thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
+        """Run ``work(*args)`` in the writing connection's thread."""
+        return await self._writer.call(work, *args)
 
     async def close(self) -> None:
         async with self._lock:
@@ -444,18 +457,17 @@ class _SqliteBackend:
                 return
             self._closed = True
             try:
-                await self.call(self.db.close)
-            except sqlite3.Error as exc:
-                raise StoreError(f"closing the SQLite database failed: {exc}") from exc
+                if self._reader is not None:
+                    await self._reader.close()
             finally:
-                self._thread.shutdown(wait=False)
+                await self._writer.close()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
         async with self._lock:
             if self._closed:
                 raise StoreError("the database is closed")
-            conn = _SqliteConnection(self, begin=True)
+            conn = _SqliteConnection(self.db, self.call, begin=True)
             try:
                 yield conn
             except BaseException:
@@ -470,15 +482,21 @@ class _SqliteBackend:
                     raise _store_error(exc) from exc
 
     @asynccontextmanager
-    async def statement(self) -> AsyncIterator[Connection]:
+    async def statement(self, *, read_only: bool = False) -> AsyncIterator[Connection]:
         """The connection for one statement in autocommit mode (it commits by itself).
 
-        A read then takes no write lock, and nothing needs ``BEGIN`` or ``COMMIT``.
+        Nothing needs ``BEGIN`` or ``COMMIT``; a read-only statement goes to the reader.
         """
+        if self._closed:
+            raise StoreError("the database is closed")
+        if read_only and self._reader is not None:
+            # Its thread runs one query at a time; a query sees what was committed before.
+            yield _SqliteConnection(self._reader.db, self._reader.call, begin=False)
+            return
         async with self._lock:
             if self._closed:
                 raise StoreError("the database is closed")
-            yield _SqliteConnection(self, begin=False)
+            yield _SqliteConnection(self.db, self.call, begin=False)
 
     async def _rollback(self) -> None:
         try:
@@ -489,7 +507,44 @@ class _SqliteBackend:
             logger.debug("ROLLBACK failed", exc_info=True)
 
 
-def _open_sqlite(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
+class _SqliteThread:
+    """One sqlite3 connection and the single thread that uses it."""
+
+    def __init__(self, db: sqlite3.Connection, thread: ThreadPoolExecutor) -> None:
+        self.db = db
+        self._thread = thread
+
+    @classmethod
+    async def open(cls, path: str, busy_timeout_ms: int, *, read_only: bool) -> _SqliteThread:
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        loop = asyncio.get_running_loop()
+        try:
+            db = await loop.run_in_executor(thread, _open_sqlite, path, busy_timeout_ms, read_only)
+        except sqlite3.Error as exc:
+            thread.shutdown(wait=False)
+            raise StoreError(
+                f"cannot open SQLite database {path!r}: {exc}",
+                hint="check that the folder exists and is writable",
+            ) from exc
+        except BaseException:
+            thread.shutdown(wait=False)
+            raise
+        return cls(db, thread)
+
+    async def call(self, work: Callable[..., _T], *args: Any) -> _T:
+        """Run ``work(*args)`` in this connection's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
+
+    async def close(self) -> None:
+        try:
+            await self.call(self.db.close)
+        except sqlite3.Error as exc:
+            raise StoreError(f"closing the SQLite database failed: {exc}") from exc
+        finally:
+            self._thread.shutdown(wait=False)
+
+
+def _open_sqlite(path: str, busy_timeout_ms: int, read_only: bool) -> sqlite3.Connection:
     """In the database thread: open the file and set it up; raises sqlite3.Error."""
     # isolation_level=None: the sqlite3 module must not open transactions on its own; we
     # issue BEGIN IMMEDIATE / COMMIT / ROLLBACK ourselves. The connection is only ever used
@@ -504,6 +559,9 @@ def _open_sqlite(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous=FULL")
         db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         db.execute("PRAGMA foreign_keys=ON")
+        if read_only:
+            # A write sent here by mistake fails instead of bypassing the writer's lock.
+            db.execute("PRAGMA query_only=ON")
     except BaseException:
         db.close()
         raise
@@ -636,8 +694,10 @@ class _PostgresBackend:
             raise StoreError(f"closing the PostgreSQL pool failed: {exc}") from exc
 
     @asynccontextmanager
-    async def statement(self) -> AsyncIterator[Connection]:
-        """A pooled connection for one statement, which PostgreSQL runs as its own transaction."""
+    async def statement(self, *, read_only: bool = False) -> AsyncIterator[Connection]:
+        """A pooled connection for one statement, which PostgreSQL runs as its own transaction
+        (whether it reads or writes makes no difference here).
+        """
         if self._closed:
             raise StoreError("the database is closed")
         try:
