@@ -339,3 +339,18 @@ async def test_outbox_retries_to_a_refused_key_take_none_of_the_peers_prekeys(tm
             await alice.wallet.shares.deliver_outbox()
         assert one_time_prekeys_at_server(tmp_path, bob.id) == left
         assert alice.wallet.peer_identity(bob.id).changed
+
+
+async def test_a_reset_identity_puts_its_new_keys_on_the_rotation_schedule(tmp_path, server):
+    async with two_parties(tmp_path, server, "always") as (alice, bob):
+        rows = "SELECT kind, key_id FROM rotating_prekeys ORDER BY kind"
+        before = bob.wallet.store.connection.execute(rows).fetchall()
+        await bob.reinstall()
+        after = bob.wallet.store.connection.execute(rows).fetchall()
+        assert [kind for kind, _ in after] == ["last_resort_kyber", "signed_prekey"]
+        # Fresh ids, with their records; the old identity's keys are gone.
+        assert not set(after) & set(before)
+        for kind, key_id in after:
+            record = "kyber_prekey" if kind == "last_resort_kyber" else "signed_prekey"
+            assert bob.wallet.store.has_record(record, str(key_id))
+        await completed_share(alice, bob, b"after the reset")

@@ -171,6 +171,30 @@ async def test_a_cancelled_transaction_is_rolled_back(db):
     await db.execute("INSERT INTO items (name) VALUES ($1)", "after")
 
 
+async def test_a_query_waits_for_no_transaction_and_sees_only_committed_rows(db):
+    async with db.transaction() as conn:
+        await conn.execute("INSERT INTO items (name) VALUES ($1)", "pending")
+        # Were queries queued behind transactions, this one would wait for the very
+        # transaction it runs in, forever (the timeout only turns that hang into a failure).
+        assert await asyncio.wait_for(db.fetchval("SELECT COUNT(*) FROM items"), 60) == 0
+    assert await db.fetchval("SELECT COUNT(*) FROM items") == 1
+
+
+async def test_statements_that_write_and_return_rows_run_on_the_writer(db):
+    # The query connection is read-only: these would fail there.
+    assert await db.fetchval("INSERT INTO items (name) VALUES ($1) RETURNING id", "a") == 1
+    row = await db.fetchrow("  WITH gone AS (SELECT 1) DELETE FROM items RETURNING name")
+    assert row is not None and row["name"] == "a"
+    assert await db.fetchval("SELECT COUNT(*) FROM items") == 0
+
+
+async def test_an_in_memory_database_reads_its_own_writes():
+    async with await Database.open("sqlite://") as database:
+        await database.execute("CREATE TABLE t (x)")
+        await database.execute("INSERT INTO t VALUES (7)")
+        assert await database.fetchval("SELECT x FROM t") == 7
+
+
 async def test_a_closed_database_refuses_work(tmp_path):
     database = await Database.open("sqlite://")
     await database.close()

@@ -96,6 +96,17 @@ async def test_a_linked_device_joins_the_account_with_its_identity(parties):
     assert tablet.store.pending_link() is None
     counts = await tablet._require_client().prekey_counts()
     assert counts.count > 0 and counts.pq_count > 0
+    # Its signed and last-resort keys are on the rotation schedule like a registered wallet's.
+    rotating = tablet.store.connection.execute(
+        "SELECT kind, key_id FROM rotating_prekeys WHERE published_at IS NOT NULL ORDER BY kind"
+    ).fetchall()
+    assert [kind for kind, _ in rotating] == ["last_resort_kyber", "signed_prekey"]
+    assert all(
+        tablet.store.has_record(
+            "kyber_prekey" if kind == "last_resort_kyber" else "signed_prekey", str(key_id)
+        )
+        for kind, key_id in rotating
+    )
 
 
 async def test_the_intermediary_never_sees_the_identity_private_key(parties, tmp_path):

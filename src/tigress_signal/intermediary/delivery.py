@@ -1,9 +1,10 @@
 """Which devices hold a WebSocket, and waking them when messages are stored, across processes.
 
-Sending stores the message first and then calls :meth:`Switchboard.messages_stored`; the
-WebSocket of each recipient device wakes up and reads its new messages from the database. A
-wake-up carries no message, only "look again", so a lost or duplicated one costs a query at
-most and never a message.
+Sending stores the message and, in the same transaction, calls
+:meth:`Switchboard.notify_stored` (a notification PostgreSQL releases at the commit); after the
+commit it calls :meth:`Switchboard.wake_here`. The WebSocket of each recipient device wakes up
+and reads its new messages from the database. A wake-up carries no message, only "look
+again", so a lost or duplicated one costs a query at most and never a message.
 
 Two layers:
 
@@ -28,7 +29,7 @@ import secrets
 import time
 
 from tigress_signal.intermediary.entities import DeviceAddress
-from tigress_signal.storage import Database
+from tigress_signal.storage import Connection, Database
 from tigress_signal.storage.database import Listener
 
 logger = logging.getLogger(__name__)
@@ -187,15 +188,25 @@ class Switchboard:
                 now,
             )
 
-    async def messages_stored(self, recipient: str, device_ids: list[int]) -> None:
-        """Wake the recipient's devices, here and in every other process.
+    async def notify_stored(self, conn: Connection, recipient: str, device_ids: list[int]) -> None:
+        """Tell the other processes, in the transaction that stores the messages, to wake the
+        recipient's devices.
 
-        Called after the transaction that stored the messages committed.
+        PostgreSQL holds a notification sent in a transaction until that transaction commits
+        (and drops it on a rollback), so a woken process always finds the rows, and the send
+        needs no transaction of its own for it. Wake this process's connections with
+        :meth:`wake_here` after the commit.
         """
+        if self.shared and device_ids:
+            ids = ",".join(str(d) for d in device_ids)
+            await conn.execute(
+                "SELECT pg_notify($1, $2)", CHANNEL, f"{self.server_id} stored {recipient} {ids}"
+            )
+
+    def wake_here(self, recipient: str, device_ids: list[int]) -> None:
+        """Wake the recipient's devices connected to this process."""
         for device_id in device_ids:
             self.hub.wake(DeviceAddress(recipient, device_id))
-        if self.shared and device_ids:
-            await self._notify("stored", recipient, device_ids)
 
     async def connected(self, presence: Presence) -> None:
         """Record a new connection and close the device's older one in other processes."""

@@ -64,9 +64,12 @@ async def send_messages(request: Request) -> Response:
     now = int(time.time() * 1000)
     expires_at = now + context.config.message_retention_seconds * 1000
     async with context.db.transaction() as conn:
-        devices = await _devices_of(conn, recipient)
-        if devices is None:
+        # One query reads the recipient's devices, their queues and whether the sender has
+        # other devices; a send takes few enough round trips that this matters.
+        found = await _recipient_state(conn, recipient, sender, now)
+        if found is None:
             raise ApiError(404, "not_found", "no such recipient account")
+        devices, queued, sender_has_others = found
 
         # Sending to one's own account reaches one's other devices, never the sending one.
         expected = dict(devices)
@@ -98,7 +101,7 @@ async def send_messages(request: Request) -> Response:
             m for m in body.messages if connected is None or m.destination_device_id in connected
         ]
         if stored:
-            await _check_queues(context, conn, recipient, stored, now)
+            _check_queues(context, queued, stored)
         await conn.executemany(
             "INSERT INTO messages (guid, account_uuid, device_id, type, client_timestamp,"
             " source_uuid, source_device, server_timestamp, urgent, content, expires_at,"
@@ -122,14 +125,16 @@ async def send_messages(request: Request) -> Response:
             ],
         )
         # The sender's other devices would want a copy of what it sent.
-        needs_sync = recipient != sender.uuid and await _has_other_devices(conn, sender)
+        needs_sync = recipient != sender.uuid and sender_has_others
+        stored_ids = [m.destination_device_id for m in stored]
+        if stored_ids:
+            # Sent inside the transaction, PostgreSQL delivers it only once the rows commit.
+            await context.switchboard.notify_stored(conn, recipient, stored_ids)
 
     # Only after the commit: a woken WebSocket must find the rows.
-    if stored:
+    if stored_ids:
         context.metrics.messages_stored.inc(len(stored))
-        await context.switchboard.messages_stored(
-            recipient, [m.destination_device_id for m in stored]
-        )
+        context.switchboard.wake_here(recipient, stored_ids)
     return json_response(SendResult(needs_sync=needs_sync))
 
 
@@ -213,21 +218,12 @@ def _check_sizes(body: OutgoingMessageList, limit: int) -> None:
             )
 
 
-async def _check_queues(
+def _check_queues(
     context: ServerContext,
-    conn: Connection,
-    recipient: str,
+    queued: dict[int, tuple[int, int]],
     adding: list[OutgoingMessage],
-    now: int,
 ) -> None:
     """Refuse the send (429) when a device's queue would pass its message or byte limit."""
-    rows = await conn.fetch(
-        "SELECT device_id, COUNT(*), COALESCE(SUM(content_size), 0) FROM messages"
-        " WHERE account_uuid = $1 AND expires_at > $2 GROUP BY device_id",
-        recipient,
-        now,
-    )
-    queued = {int(row[0]): (int(row[1]), int(row[2])) for row in rows}
     config = context.config
     full = sorted(
         m.destination_device_id
@@ -247,22 +243,28 @@ async def _check_queues(
         raise error
 
 
-async def _devices_of(conn: Connection, account: str) -> dict[int, int] | None:
-    """Device id to registration id of an account; None when there is no such account."""
+async def _recipient_state(
+    conn: Connection, recipient: str, sender: DeviceAddress, now: int
+) -> tuple[dict[int, int], dict[int, tuple[int, int]], bool] | None:
+    """The recipient's devices (id to registration id), each device's unexpired queue
+    (messages, bytes), and whether the sender's account has other devices; None when there
+    is no such recipient account.
+    """
     rows = await conn.fetch(
-        "SELECT d.device_id, d.registration_id FROM accounts a"
-        " LEFT JOIN devices d ON d.account_uuid = a.uuid WHERE a.uuid = $1",
-        account,
+        "SELECT d.device_id, d.registration_id, COUNT(m.seq), COALESCE(SUM(m.content_size), 0),"
+        " EXISTS (SELECT 1 FROM devices o WHERE o.account_uuid = $3 AND o.device_id <> $4)"
+        " FROM accounts a"
+        " LEFT JOIN devices d ON d.account_uuid = a.uuid"
+        " LEFT JOIN messages m ON m.account_uuid = d.account_uuid"
+        " AND m.device_id = d.device_id AND m.expires_at > $2"
+        " WHERE a.uuid = $1 GROUP BY d.device_id, d.registration_id",
+        recipient,
+        now,
+        sender.uuid,
+        sender.device_id,
     )
     if not rows:
         return None
-    return {int(r["device_id"]): int(r["registration_id"]) for r in rows if r[0] is not None}
-
-
-async def _has_other_devices(conn: Connection, device: DeviceAddress) -> bool:
-    other = await conn.fetchval(
-        "SELECT 1 FROM devices WHERE account_uuid = $1 AND device_id <> $2 LIMIT 1",
-        device.uuid,
-        device.device_id,
-    )
-    return other is not None
+    devices = {int(r[0]): int(r[1]) for r in rows if r[0] is not None}
+    queued = {int(r[0]): (int(r[2]), int(r[3])) for r in rows if r[0] is not None}
+    return devices, queued, bool(rows[0][4])

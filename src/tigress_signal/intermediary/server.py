@@ -167,6 +167,10 @@ def _uvicorn_config(app: Starlette, config: IntermediaryConfig) -> uvicorn.Confi
         # The sans-I/O implementation: the other websockets one uses a deprecated API.
         ws="websockets-sansio",
         ws_max_size=_WS_MAX_FRAME,
+        # No permessage-deflate: the frames carry ciphertext, which does not compress, so it
+        # would only cost CPU on both ends (and compressing secrets next to data a sender
+        # chose is how compression side channels leak).
+        ws_per_message_deflate=False,
         # Logging is configured by whoever runs us; our middleware logs each request once.
         log_config=None,
         access_log=False,

@@ -28,12 +28,12 @@ import logging
 import os
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
-import aiosqlite
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
@@ -54,6 +54,7 @@ _PG_COMMAND_TIMEOUT = 60.0
 _LISTEN_PING_SECONDS = 5.0
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
+_T = TypeVar("_T")
 
 
 class Row(Protocol):
@@ -128,10 +129,13 @@ class Database:
     migrations are applied with :meth:`upgrade` (see :mod:`tigress_signal.storage.migrations`).
 
     Note:
-        SQLite allows one writer at a time, so this class keeps a single connection and runs
-        one transaction (or statement) at a time on it, queueing the others; transactions
-        begin with ``BEGIN IMMEDIATE`` so another process writing the same file makes us wait
-        (up to the busy timeout) at the start instead of failing half-way through.
+        SQLite allows one writer at a time, so this class keeps a single writing connection
+        and runs one transaction (or statement) at a time on it, queueing the others;
+        transactions begin with ``BEGIN IMMEDIATE`` so another process writing the same file
+        makes us wait (up to the busy timeout) at the start instead of failing half-way
+        through. Single ``SELECT`` statements (:meth:`fetch` and its kin) run on a second,
+        read-only connection and wait for no transaction. Each connection has its own
+        thread, and each statement is one hand-over to it.
     """
 
     def __init__(self, backend: _Backend, url: str) -> None:
@@ -202,23 +206,31 @@ class Database:
         return self._backend.transaction()
 
     async def execute(self, sql: str, *params: object) -> int:
-        """Run one statement in its own transaction; see :meth:`Connection.execute`."""
-        async with self.transaction() as conn:
+        """Run one statement on its own; see :meth:`Connection.execute`.
+
+        A single statement is atomic by itself, so it runs without ``BEGIN`` and ``COMMIT``
+        (each of which costs a round trip to PostgreSQL or a hop to SQLite's thread).
+        """
+        async with self._backend.statement() as conn:
             return await conn.execute(sql, *params)
 
     async def fetch(self, sql: str, *params: object) -> list[Row]:
-        """Run one query in its own transaction; see :meth:`Connection.fetch`."""
-        async with self.transaction() as conn:
+        """Run one query on its own; see :meth:`Connection.fetch`.
+
+        On SQLite a ``SELECT`` runs on a read-only connection of its own, beside whatever
+        transaction is writing (WAL lets it), and sees every transaction committed so far.
+        """
+        async with self._backend.statement(read_only=_is_select(sql)) as conn:
             return await conn.fetch(sql, *params)
 
     async def fetchrow(self, sql: str, *params: object) -> Row | None:
-        """Run one query in its own transaction; see :meth:`Connection.fetchrow`."""
-        async with self.transaction() as conn:
+        """Run one query on its own; see :meth:`Connection.fetchrow` and :meth:`fetch`."""
+        async with self._backend.statement(read_only=_is_select(sql)) as conn:
             return await conn.fetchrow(sql, *params)
 
     async def fetchval(self, sql: str, *params: object) -> Any:
-        """Run one query in its own transaction; see :meth:`Connection.fetchval`."""
-        async with self.transaction() as conn:
+        """Run one query on its own; see :meth:`Connection.fetchval` and :meth:`fetch`."""
+        async with self._backend.statement(read_only=_is_select(sql)) as conn:
             return await conn.fetchval(sql, *params)
 
     async def notify(self, channel: str, payload: str) -> None:
@@ -305,6 +317,13 @@ class _Backend(Protocol):
 
     def transaction(self) -> AbstractAsyncContextManager[Connection]: ...
 
+    def statement(self, *, read_only: bool = False) -> AbstractAsyncContextManager[Connection]: ...
+
+
+def _is_select(sql: str) -> bool:
+    """Whether a statement is a plain query (a ``WITH`` may hide a write, so it is not)."""
+    return sql.lstrip()[:6].upper() == "SELECT"
+
 
 def _sqlite_path(url: str) -> str:
     """The file path (or ``:memory:``) a ``sqlite:`` URL names."""
@@ -325,37 +344,35 @@ def _to_sqlite_placeholders(sql: str) -> str:
 
 
 class _SqliteConnection:
-    """The :class:`Connection` of the SQLite backend, valid while its transaction runs."""
+    """The :class:`Connection` of the SQLite backend, valid while its transaction runs.
+
+    Each method is one call to the database thread, which runs the statement and reads all
+    its rows at once. In a transaction the first statement also runs the ``BEGIN IMMEDIATE``,
+    in the same call.
+    """
 
     dialect: Dialect = "sqlite"
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
-        self._conn = conn
+    def __init__(
+        self, db: sqlite3.Connection, call: Callable[..., Awaitable[Any]], *, begin: bool
+    ) -> None:
+        self._db = db
+        self._call = call
+        self._begin_pending = begin
+        self.began = False
 
     async def execute(self, sql: str, *params: object) -> int:
-        try:
-            async with self._conn.execute(_to_sqlite_placeholders(sql), params) as cursor:
-                return cursor.rowcount
-        except sqlite3.Error as exc:
-            raise _store_error(exc) from exc
+        return await self._run(self._execute, _to_sqlite_placeholders(sql), params)
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
-        try:
-            async with self._conn.executemany(_to_sqlite_placeholders(sql), rows):
-                pass
-        except sqlite3.Error as exc:
-            raise _store_error(exc) from exc
+        await self._run(self._executemany, _to_sqlite_placeholders(sql), list(rows))
 
     async def fetch(self, sql: str, *params: object) -> list[Row]:
-        try:
-            async with self._conn.execute(_to_sqlite_placeholders(sql), params) as cursor:
-                return list(await cursor.fetchall())
-        except sqlite3.Error as exc:
-            raise _store_error(exc) from exc
+        return await self._run(self._fetch, _to_sqlite_placeholders(sql), params)
 
     async def fetchrow(self, sql: str, *params: object) -> Row | None:
-        # fetchall, not fetchone: a statement with RETURNING only completes (and its changes
-        # only become part of the transaction) once every row has been stepped through.
+        # Every row is read, not only the first: a statement with RETURNING only completes
+        # (and its changes only become part of the transaction) once all have been stepped.
         rows = await self.fetch(sql, *params)
         return rows[0] if rows else None
 
@@ -363,46 +380,77 @@ class _SqliteConnection:
         row = await self.fetchrow(sql, *params)
         return None if row is None else row[0]
 
+    async def _run(self, work: Callable[[str, Any], _T], sql: str, params: Any) -> _T:
+        try:
+            return cast(_T, await self._call(self._prepared, work, sql, params))
+        except sqlite3.Error as exc:
+            raise _store_error(exc) from exc
+
+    def _prepared(self, work: Callable[[str, Any], _T], sql: str, params: Any) -> _T:
+        """In the database thread: begin the transaction if still due, then run ``work``."""
+        if self._begin_pending:
+            self._begin_pending = False
+            _begin(self._db)
+            self.began = True
+        elif not self.began and self._db.in_transaction:
+            # A transaction left open by a task cancelled before its ROLLBACK ran.
+            self._db.execute("ROLLBACK")
+        return work(sql, params)
+
+    def _execute(self, sql: str, params: Sequence[object]) -> int:
+        cursor = self._db.execute(sql, params)
+        try:
+            return cursor.rowcount
+        finally:
+            cursor.close()
+
+    def _executemany(self, sql: str, rows: list[Sequence[object]]) -> None:
+        self._db.executemany(sql, rows).close()
+
+    def _fetch(self, sql: str, params: Sequence[object]) -> list[Row]:
+        cursor = self._db.execute(sql, params)
+        try:
+            return list(cursor.fetchall())
+        finally:
+            cursor.close()
+
 
 class _SqliteBackend:
-    """One aiosqlite connection, used by one transaction at a time."""
+    """A writing sqlite3 connection in a thread of its own, used by one transaction at a
+    time, and a read-only one in another thread for single queries.
+
+    Every database call is one hand-over to a thread and back; a delivery makes several,
+    and under load each hand-over waits for the scheduler, so they are kept to one per
+    statement (plus one for the ``COMMIT``). Queries on the reader wait for no transaction.
+    """
 
     dialect: Dialect = "sqlite"
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
-        self._conn = conn
+    def __init__(self, writer: _SqliteThread, reader: _SqliteThread | None) -> None:
+        self._writer = writer
+        self._reader = reader
+        self.db = writer.db
         self._lock = asyncio.Lock()
         self._closed = False
 
     @classmethod
     async def connect(cls, path: str, busy_timeout_ms: int) -> _SqliteBackend:
-        # Open the file once with plain sqlite3 first: when aiosqlite fails to open a file it
-        # stops its worker thread without waiting, and that thread later reports to an event
-        # loop that may be gone. A failure here leaves no thread behind.
-        try:
-            await asyncio.to_thread(_probe, path)
-            # isolation_level=None: the sqlite3 module must not open transactions on its own;
-            # we issue BEGIN IMMEDIATE / COMMIT / ROLLBACK ourselves.
-            conn = await aiosqlite.connect(path, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise StoreError(
-                f"cannot open SQLite database {path!r}: {exc}",
-                hint="check that the folder exists and is writable",
-            ) from exc
-        try:
-            conn.row_factory = sqlite3.Row
-            # WAL lets readers in other processes work while we write; FULL synchronous
-            # makes each commit durable across a power loss, not only a process crash,
-            # because a committed message or key must not silently come back or vanish.
-            await conn.execute("PRAGMA journal_mode=WAL")
-            await conn.execute("PRAGMA synchronous=FULL")
-            await conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-            await conn.execute("PRAGMA foreign_keys=ON")
-        except sqlite3.Error as exc:
-            await conn.close()
-            raise StoreError(f"cannot set up SQLite database {path!r}: {exc}") from exc
+        writer = await _SqliteThread.open(path, busy_timeout_ms, read_only=False)
+        # A second connection to ":memory:" would be another, empty database.
+        if path == ":memory:":
+            reader = None
+        else:
+            try:
+                reader = await _SqliteThread.open(path, busy_timeout_ms, read_only=True)
+            except BaseException:
+                await writer.close()
+                raise
         logger.debug("opened SQLite database %s", path)
-        return cls(conn)
+        return cls(writer, reader)
+
+    async def call(self, work: Callable[..., _T], *args: Any) -> _T:
+        """Run ``work(*args)`` in the writing connection's thread."""
+        return await self._writer.call(work, *args)
 
     async def close(self) -> None:
         async with self._lock:
@@ -410,58 +458,145 @@ class _SqliteBackend:
                 return
             self._closed = True
             try:
-                await self._conn.close()
-            except sqlite3.Error as exc:
-                raise StoreError(f"closing the SQLite database failed: {exc}") from exc
+                if self._reader is not None:
+                    await self._reader.close()
+            finally:
+                await self._writer.close()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
         async with self._lock:
             if self._closed:
                 raise StoreError("the database is closed")
+            conn = _SqliteConnection(self.db, self.call, begin=True)
             try:
-                # A cancelled task can leave a transaction open if its ROLLBACK never ran;
-                # close it before starting ours rather than failing "within a transaction".
-                if self._conn.in_transaction:
-                    await self._conn.execute("ROLLBACK")
-                await self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise _store_error(exc) from exc
-            try:
-                yield _SqliteConnection(self._conn)
+                yield conn
             except BaseException:
-                await self._rollback()
+                if conn.began:
+                    await self._rollback()
                 raise
-            try:
-                await self._conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                await self._rollback()
-                raise _store_error(exc) from exc
+            if conn.began:
+                try:
+                    await self.call(self.db.execute, "COMMIT")
+                except sqlite3.Error as exc:
+                    await self._rollback()
+                    raise _store_error(exc) from exc
+
+    @asynccontextmanager
+    async def statement(self, *, read_only: bool = False) -> AsyncIterator[Connection]:
+        """The connection for one statement in autocommit mode (it commits by itself).
+
+        Nothing needs ``BEGIN`` or ``COMMIT``; a read-only statement goes to the reader.
+        """
+        if self._closed:
+            raise StoreError("the database is closed")
+        if read_only and self._reader is not None:
+            # Its thread runs one query at a time; a query sees what was committed before.
+            yield _SqliteConnection(self._reader.db, self._reader.call, begin=False)
+            return
+        async with self._lock:
+            if self._closed:
+                raise StoreError("the database is closed")
+            yield _SqliteConnection(self.db, self.call, begin=False)
 
     async def _rollback(self) -> None:
         try:
-            await self._conn.execute("ROLLBACK")
+            await self.call(_rollback_if_open, self.db)
         except sqlite3.Error:
             # The transaction may already be gone (SQLite rolls back by itself on some
             # errors); the original exception is what the caller needs to see.
             logger.debug("ROLLBACK failed", exc_info=True)
 
 
-def _probe(path: str) -> None:
-    """Open and close a SQLite file (creating it if needed); raises sqlite3.Error if it can't.
+class _SqliteThread:
+    """One sqlite3 connection and the single thread that uses it."""
 
-    A new file is made readable by its owner only: it holds password hashes and undelivered
-    messages. SQLite gives its -wal and -shm files the same mode.
+    def __init__(self, db: sqlite3.Connection, thread: ThreadPoolExecutor) -> None:
+        self.db = db
+        self._thread = thread
+
+    @classmethod
+    async def open(cls, path: str, busy_timeout_ms: int, *, read_only: bool) -> _SqliteThread:
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        loop = asyncio.get_running_loop()
+        try:
+            db = await loop.run_in_executor(thread, _open_sqlite, path, busy_timeout_ms, read_only)
+        except sqlite3.Error as exc:
+            thread.shutdown(wait=False)
+            raise StoreError(
+                f"cannot open SQLite database {path!r}: {exc}",
+                hint="check that the folder exists and is writable",
+            ) from exc
+        except BaseException:
+            thread.shutdown(wait=False)
+            raise
+        return cls(db, thread)
+
+    async def call(self, work: Callable[..., _T], *args: Any) -> _T:
+        """Run ``work(*args)`` in this connection's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
+
+    async def close(self) -> None:
+        try:
+            await self.call(self.db.close)
+        except sqlite3.Error as exc:
+            raise StoreError(f"closing the SQLite database failed: {exc}") from exc
+        finally:
+            self._thread.shutdown(wait=False)
+
+
+def _open_sqlite(path: str, busy_timeout_ms: int, read_only: bool) -> sqlite3.Connection:
+    """In the database thread: open the file and set it up; raises sqlite3.Error."""
+    # isolation_level=None: the sqlite3 module must not open transactions on its own; we
+    # issue BEGIN IMMEDIATE / COMMIT / ROLLBACK ourselves. The connection is only ever used
+    # from the database thread, one call at a time.
+    if not read_only:
+        _create_private(path)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        db.row_factory = sqlite3.Row
+        # WAL lets readers in other processes work while we write; FULL synchronous makes
+        # each commit durable across a power loss, not only a process crash, because a
+        # committed message or key must not silently come back or vanish.
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        db.execute("PRAGMA foreign_keys=ON")
+        if read_only:
+            # A write sent here by mistake fails instead of bypassing the writer's lock.
+            db.execute("PRAGMA query_only=ON")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _begin(db: sqlite3.Connection) -> None:
+    """Start a write transaction, closing one a cancelled task may have left open."""
+    if db.in_transaction:
+        db.execute("ROLLBACK")
+    db.execute("BEGIN IMMEDIATE")
+
+
+def _rollback_if_open(db: sqlite3.Connection) -> None:
+    if db.in_transaction:
+        db.execute("ROLLBACK")
+
+
+def _create_private(path: str) -> None:
+    """Create a missing SQLite file readable by its owner only; raises sqlite3.Error if it can't.
+
+    It holds password hashes and undelivered messages. SQLite gives its -wal and -shm files the
+    same mode; an existing file keeps the mode its owner gave it.
     """
-    if path == ":memory:":
+    if path == ":memory:" or path.startswith("file:"):
         return
     try:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except FileExistsError:
-        pass  # an existing database keeps the mode its owner gave it
+        pass
     except OSError as exc:
         raise sqlite3.OperationalError(f"cannot create {path}: {exc.strerror}") from exc
-    sqlite3.connect(path).close()
 
 
 def _store_error(exc: sqlite3.Error) -> StoreError:
@@ -551,6 +686,7 @@ class _PostgresBackend:
                 timeout=_PG_CONNECT_TIMEOUT,
                 command_timeout=_PG_COMMAND_TIMEOUT,
                 server_settings={"application_name": "tigress-signal"},
+                reset=_keep_session,
             )
         except _PG_FAILURES as exc:
             error = _pg_error(exc)
@@ -575,6 +711,23 @@ class _PostgresBackend:
         except _PG_FAILURES as exc:
             self._pool.terminate()
             raise StoreError(f"closing the PostgreSQL pool failed: {exc}") from exc
+
+    @asynccontextmanager
+    async def statement(self, *, read_only: bool = False) -> AsyncIterator[Connection]:
+        """A pooled connection for one statement, which PostgreSQL runs as its own transaction
+        (whether it reads or writes makes no difference here).
+        """
+        if self._closed:
+            raise StoreError("the database is closed")
+        try:
+            conn = await self._pool.acquire(timeout=_PG_CONNECT_TIMEOUT)
+        except _PG_FAILURES as exc:
+            raise _pg_error(exc) from exc
+        try:
+            yield _PostgresConnection(conn)
+        finally:
+            with contextlib.suppress(*_PG_FAILURES):
+                await self._pool.release(conn)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
@@ -604,6 +757,16 @@ class _PostgresBackend:
             # A connection broken mid-transaction is closed by the pool, not reused.
             with contextlib.suppress(*_PG_FAILURES):
                 await self._pool.release(conn)
+
+
+async def _keep_session(_conn: asyncpg.Connection[Any]) -> None:
+    """Reset nothing when a connection goes back to the pool.
+
+    asyncpg's default reset sends ``RESET ALL``, ``UNLISTEN *`` and more, one round trip per
+    release. Pooled connections here never change session state: no ``SET``, no ``LISTEN``
+    (the :class:`Listener` has its own connection), only transaction-scoped advisory locks.
+    asyncpg still rolls back a transaction left open before calling this.
+    """
 
 
 def _pg_error(exc: BaseException) -> StoreError:

@@ -7,6 +7,8 @@ It lives in ``wallet.toml`` inside the wallet folder, for example::
 
     [selfhosted]
     server_url = "http://127.0.0.1:8443"
+    prekey_rotation_days = 2        # replace the signed and last-resort prekeys this often
+    prekey_grace_days = 35          # keep replaced keys this long (>= the server's retention)
 
 A wallet whose Signal account lives in signal-cli names the daemon instead::
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -40,8 +43,15 @@ from pydantic import (
 
 from tigress_signal.bridge.signal_cli_client import normalise_recipient
 from tigress_signal.errors import ConfigError, SignalCliInvalidNumber
+from tigress_signal.wallet.rotation import RotationPolicy
 
 CONFIG_NAME = "wallet.toml"
+#: Signal's own clients replace these keys about every two days: short enough that a stolen
+#: signed prekey soon stops mattering, long enough that rotation costs next to nothing.
+DEFAULT_ROTATION_DAYS = 2.0
+#: The intermediary keeps undelivered messages 30 days by default; five more days cover a
+#: sender that fetched a bundle just before a rotation and sent its message a little later.
+DEFAULT_GRACE_DAYS = 35.0
 
 TrustPolicy = Literal["tofu", "always", "verify"]
 ChannelName = Literal["selfhosted", "signal-cli-dbus", "signal-cli-jsonrpc"]
@@ -61,6 +71,11 @@ class SelfHostedSettings(BaseModel):
             :mod:`tigress_signal.wallet.send_log`.
         max_resends: how often one message is sent again at most, so that a peer reporting
             errors over and over cannot make the wallet loop.
+        prekey_rotation_days: how often the signed prekey and the last-resort Kyber prekey
+            are replaced (checked whenever the wallet connects).
+        prekey_grace_days: how long a replaced key's private half is kept; keep it at least
+            as long as the intermediary keeps undelivered messages (30 days by default), or a
+            first message made from an older bundle may no longer decrypt.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -69,6 +84,15 @@ class SelfHostedSettings(BaseModel):
     keepalive_seconds: Annotated[float, Field(gt=0, le=3600)] = 20.0
     resend_log_seconds: Annotated[int, Field(ge=0, le=7 * 24 * 3600)] = 3600
     max_resends: Annotated[int, Field(ge=0, le=10)] = 2
+    prekey_rotation_days: Annotated[float, Field(ge=0.01, le=365)] = DEFAULT_ROTATION_DAYS
+    prekey_grace_days: Annotated[float, Field(ge=1, le=3650)] = DEFAULT_GRACE_DAYS
+
+    def rotation_policy(self) -> RotationPolicy:
+        """The rotation interval and grace period as a policy."""
+        return RotationPolicy(
+            interval=timedelta(days=self.prekey_rotation_days),
+            grace=timedelta(days=self.prekey_grace_days),
+        )
 
 
 class SignalCliSettings(BaseModel):
@@ -151,6 +175,15 @@ class WalletConfig(BaseModel):
             raise ConfigError("wallet.toml: [selfhosted] server_url is missing")
         return str(self.selfhosted.server_url).rstrip("/")
 
+    def rotation_policy(self) -> RotationPolicy:
+        """When the self-hosted channel's signed and last-resort keys are replaced."""
+        settings = self.selfhosted
+        if settings is None:
+            return RotationPolicy(
+                timedelta(days=DEFAULT_ROTATION_DAYS), timedelta(days=DEFAULT_GRACE_DAYS)
+            )
+        return settings.rotation_policy()
+
     def keepalive(self) -> float:
         """Seconds between the self-hosted channel's WebSocket pings."""
         return 20.0 if self.selfhosted is None else self.selfhosted.keepalive_seconds
@@ -166,6 +199,8 @@ class WalletConfig(BaseModel):
                 f"keepalive_seconds = {self.selfhosted.keepalive_seconds}",
                 f"resend_log_seconds = {self.selfhosted.resend_log_seconds}",
                 f"max_resends = {self.selfhosted.max_resends}",
+                f"prekey_rotation_days = {self.selfhosted.prekey_rotation_days}",
+                f"prekey_grace_days = {self.selfhosted.prekey_grace_days}",
             ]
         if self.signal_cli is not None:
             lines += ["", "[signal_cli]"]

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime
 
 from tigress_signal.bridge.libsignal import LibsignalBridge, ProtocolAddress
 from tigress_signal.bridge.records import RecordChange
 from tigress_signal.errors import ConfigError
 from tigress_signal.intermediary.client import IntermediaryClient
 from tigress_signal.wallet.config import WalletConfig
+from tigress_signal.wallet.rotation import record_registered_keys
 from tigress_signal.wallet.store import Account, WalletStore
 
 log = logging.getLogger(__name__)
@@ -132,6 +134,14 @@ async def reset_identity(
             "DELETE FROM records WHERE kind = ?", [(kind,) for kind in _OWN_IDENTITY_KINDS]
         )
         conn.execute("DELETE FROM peer_devices")
+        # The old identity's rotating keys went with its records; rotation starts over.
+        conn.execute("DELETE FROM rotating_prekeys")
+        record_registered_keys(
+            conn,
+            signed_prekey_id=signed.key_id,
+            last_resort_kyber_id=last_resort.key_id,
+            now=datetime.now(UTC),
+        )
         store.apply_changes(
             conn,
             [

@@ -6,11 +6,8 @@ uploads the public halves (which replace that kind's remaining one-time keys on 
 Private halves of keys the server no longer lists are kept: a peer may have fetched one just
 before the replacement, and its first message still has to decrypt.
 
-Note:
-    Rotating the signed prekey and the last-resort Kyber key on a schedule is not done yet:
-    a wallet keeps the ones it registered with. Sessions still start when the one-time pools
-    are empty (signed prekey plus last-resort Kyber key), only without the one-time keys'
-    extra protection.
+The signed prekey and the last-resort Kyber key are replaced on a schedule by
+:mod:`tigress_signal.wallet.rotation`, which runs right after the refill.
 """
 
 from __future__ import annotations

@@ -159,6 +159,29 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX send_log_by_share ON send_log (share_id);
     CREATE INDEX send_log_by_expiry ON send_log (expires_at_ms);
     """,
+    # The signed prekeys and last-resort Kyber keys this wallet has made, for rotation: a key
+    # is published once the server took it, retired when a newer one was published, and its
+    # record is deleted a grace period after that. Existing wallets list the keys they
+    # registered with, and the signed-prekey counter starts after them.
+    """
+    CREATE TABLE rotating_prekeys (
+        kind TEXT NOT NULL CHECK (kind IN ('signed_prekey', 'last_resort_kyber')),
+        key_id INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        published_at TEXT,
+        retired_at TEXT,
+        PRIMARY KEY (kind, key_id)
+    ) WITHOUT ROWID;
+    INSERT INTO rotating_prekeys (kind, key_id, created_at, published_at)
+        SELECT 'signed_prekey', CAST(r.key AS INTEGER), a.created_at, a.created_at
+        FROM records r, account a WHERE r.kind = 'signed_prekey';
+    INSERT INTO rotating_prekeys (kind, key_id, created_at, published_at)
+        SELECT 'last_resort_kyber', 1, a.created_at, a.created_at
+        FROM records r, account a WHERE r.kind = 'kyber_prekey' AND r.key = '1';
+    INSERT OR IGNORE INTO counters (name, next_value)
+        SELECT 'signed_prekey', MAX(CAST(key AS INTEGER)) + 1 FROM records
+        WHERE kind = 'signed_prekey' HAVING COUNT(*) > 0;
+    """,
 )
 
 

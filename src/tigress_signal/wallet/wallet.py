@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
@@ -40,6 +41,7 @@ from tigress_signal.errors import (
 from tigress_signal.intermediary.client import IntermediaryClient
 from tigress_signal.intermediary.entities import DeviceInfo
 from tigress_signal.shares.service import ShareService
+from tigress_signal.wallet import rotation
 from tigress_signal.wallet.config import (
     CONFIG_NAME,
     SIGNAL_CLI_CHANNELS,
@@ -60,6 +62,7 @@ from tigress_signal.wallet.linking import (
     seal_link_answer,
 )
 from tigress_signal.wallet.prekeys import refill_prekeys
+from tigress_signal.wallet.rotation import Rotation, last_resort_kyber_ids, record_registered_keys
 from tigress_signal.wallet.store import DATABASE_NAME, LOCK_NAME, Account, WalletStore
 from tigress_signal.wallet.trust import (
     PeerIdentity,
@@ -72,8 +75,8 @@ log = logging.getLogger(__name__)
 
 #: One-time prekeys of each kind (EC and Kyber) a new wallet publishes.
 INITIAL_PREKEYS = 100
-#: The id of the signed prekey and of the last-resort Kyber key a new wallet publishes.
-FIRST_SIGNED_PREKEY_ID = 1
+#: The id of the last-resort Kyber key a new wallet publishes (its signed prekey's id, 1 as
+#: well, comes from the signed-prekey counter; rotation takes later ids from the counters).
 LAST_RESORT_KYBER_ID = 1
 #: The address name a wallet uses before the server has assigned its account id.
 _UNREGISTERED = "unregistered"
@@ -133,13 +136,47 @@ class Wallet:
             channel.on_outbox = self.shares.deliver_outbox
 
     async def _maintain_prekeys(self) -> None:
-        # Checked on every (re)connect: a wallet that was offline may have been drained.
+        # Checked on every (re)connect: a wallet that was offline may have been drained, and
+        # one that was closed for days may be due a rotation.
         if self._bridge is None or self._client is None:
             return
         try:
             await refill_prekeys(self.store, self._bridge, self._client)
         except TigressSignalError as exc:
             log.warning("could not refill one-time prekeys now: %s", exc.user_message())
+        try:
+            await self.rotate_prekeys()
+        except TigressSignalError as exc:
+            log.warning("could not rotate prekeys now: %s", exc.user_message())
+
+    async def rotate_prekeys(self, *, now: datetime | None = None) -> Rotation:
+        """Replace the signed prekey and last-resort Kyber key if they are due, and delete
+        replaced keys whose grace period has ended (see :mod:`tigress_signal.wallet.rotation`).
+
+        The channel calls it on every (re)connect; ``now`` lets tests move the clock.
+
+        Raises:
+            ConfigError: the wallet's account is held by signal-cli.
+            ServerApiError: the server refused the upload.
+            ChannelError: the server cannot be reached.
+            BridgeError: the sidecar failed.
+        """
+        account = self.account
+        if self._bridge is None or self._client is None:
+            raise ConfigError(f"the wallet in {self.folder} has no intermediary keys to rotate")
+        bridge = self._bridge
+
+        async def reopen() -> None:
+            await _open_identity(bridge, account, self.config, self.store)
+
+        return await rotation.rotate_prekeys(
+            self.store,
+            bridge,
+            self._client,
+            self.config.rotation_policy(),
+            reopen=reopen,
+            now=now,
+        )
 
     @property
     def account_id(self) -> str:
@@ -197,8 +234,11 @@ class Wallet:
             )
 
             # Every private key goes to the store before its public half leaves the wallet.
-            now_ms = int(time.time() * 1000)
-            signed = await bridge.generate_signed_prekey(FIRST_SIGNED_PREKEY_ID, now_ms)
+            now = datetime.now(UTC)
+            now_ms = int(now.timestamp() * 1000)
+            with store.transaction() as conn:
+                signed_id = store.next_ids(conn, "signed_prekey", 1)
+            signed = await bridge.generate_signed_prekey(signed_id, now_ms)
             (last_resort,) = await bridge.generate_kyber_prekeys(LAST_RESORT_KYBER_ID, 1, now_ms)
             with store.transaction() as conn:
                 first_ec = store.next_ids(conn, "prekey", INITIAL_PREKEYS)
@@ -233,13 +273,19 @@ class Wallet:
             )
             with store.transaction() as conn:
                 store.save_account(conn, account)
+                record_registered_keys(
+                    conn,
+                    signed_prekey_id=signed.key_id,
+                    last_resort_kyber_id=LAST_RESORT_KYBER_ID,
+                    now=now,
+                )
             save_wallet_config(path, config)
             client.authenticate(account.account_id, account.device_id, account.password)
             await client.upload_keys(
                 pre_keys=[k.public() for k in prekeys],
                 pq_pre_keys=[k.public() for k in pq_prekeys],
             )
-            await _open_identity(bridge, account, config)
+            await _open_identity(bridge, account, config, store)
         except BaseException:
             if client is not None:
                 await client.aclose()
@@ -288,7 +334,7 @@ class Wallet:
                 raise StoreError(f"{path} is not registered; run 'wallet init' again")
             config = load_wallet_config(path)
             await bridge.start()
-            await _open_identity(bridge, account, config)
+            await _open_identity(bridge, account, config, store)
             client = IntermediaryClient(config.server_url(), keepalive=config.keepalive())
             client.authenticate(account.account_id, account.device_id, account.password)
         except BaseException:
@@ -433,8 +479,11 @@ class Wallet:
             )
 
             # Private halves first, as at registration; the sidecar signs with the identity.
-            now_ms = int(time.time() * 1000)
-            signed = await bridge.generate_signed_prekey(FIRST_SIGNED_PREKEY_ID, now_ms)
+            now = datetime.now(UTC)
+            now_ms = int(now.timestamp() * 1000)
+            with store.transaction() as conn:
+                signed_id = store.next_ids(conn, "signed_prekey", 1)
+            signed = await bridge.generate_signed_prekey(signed_id, now_ms)
             (last_resort,) = await bridge.generate_kyber_prekeys(LAST_RESORT_KYBER_ID, 1, now_ms)
             with store.transaction() as conn:
                 store.apply_changes(
@@ -483,6 +532,14 @@ class Wallet:
                 with store.transaction() as conn:
                     store.save_account(conn, account)
                     store.clear_pending_link(conn)
+                    # Rotation replaces these on schedule and names the last-resort key to
+                    # the sidecar, so that using it never deletes it.
+                    record_registered_keys(
+                        conn,
+                        signed_prekey_id=signed.key_id,
+                        last_resort_kyber_id=LAST_RESORT_KYBER_ID,
+                        now=now,
+                    )
             except BaseException:
                 (path / CONFIG_NAME).unlink(missing_ok=True)
                 raise
@@ -598,14 +655,18 @@ class Wallet:
         """
         bridge, account = self._own_identity()
         assert self._client is not None  # a wallet with its own identity has a client
+        # New ids from the counters: an id is never used twice, even across identities.
+        with self.store.transaction() as conn:
+            signed_id = self.store.next_ids(conn, "signed_prekey", 1)
+            last_resort_id = self.store.next_ids(conn, "kyber_prekey", 1)
         self._account = await reset_identity(
             self.store,
             bridge,
             self._client,
             account,
             self.config,
-            signed_prekey_id=FIRST_SIGNED_PREKEY_ID,
-            last_resort_kyber_id=LAST_RESORT_KYBER_ID,
+            signed_prekey_id=signed_id,
+            last_resort_kyber_id=last_resort_id,
         )
         await self._maintain_prekeys()
         return self._account
@@ -769,13 +830,17 @@ def default_jsonrpc_socket() -> Path:
     return Path(runtime) / "signal-cli" / "socket"
 
 
-async def _open_identity(bridge: LibsignalBridge, account: Account, config: WalletConfig) -> None:
+async def _open_identity(
+    bridge: LibsignalBridge, account: Account, config: WalletConfig, store: WalletStore
+) -> None:
+    # Every last-resort Kyber key still kept (the current one and replaced ones in their grace
+    # period) is named, so that a message using one never deletes it.
     await bridge.open(
         identity_key_pair=account.identity_key_pair,
         registration_id=account.registration_id,
         address=ProtocolAddress(account.account_id, account.device_id),
         trust_policy=config.trust_policy,
-        last_resort_kyber_ids=[LAST_RESORT_KYBER_ID],
+        last_resort_kyber_ids=last_resort_kyber_ids(store),
     )
 
 
