@@ -351,6 +351,8 @@ async def test_a_reset_identity_puts_its_new_keys_on_the_rotation_schedule(tmp_p
         # Fresh ids, with their records; the old identity's keys are gone.
         assert not set(after) & set(before)
         for kind, key_id in after:
-            record = "kyber_prekey" if kind == "last_resort_kyber" else "signed_prekey"
-            assert bob.wallet.store.has_record(record, str(key_id))
+            if kind == "last_resort_kyber":
+                assert bob.wallet.store.has_record("kyber_prekey", str(key_id))
+            else:
+                assert bob.wallet.store.has_record("signed_prekey", str(key_id))
         await completed_share(alice, bob, b"after the reset")
