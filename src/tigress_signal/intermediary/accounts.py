@@ -44,7 +44,7 @@ from tigress_signal.intermediary.entities import (
     DeviceAddress,
     WhoAmI,
 )
-from tigress_signal.intermediary.schema import key_digest
+from tigress_signal.intermediary.keys import record_registered_keys
 from tigress_signal.intermediary.signatures import check_prekey_signatures
 
 logger = logging.getLogger(__name__)
@@ -98,25 +98,8 @@ async def create_account(request: Request) -> Response:
             body.pq_last_resort_pre_key.signature,
             now,
         )
-        await conn.executemany(
-            "INSERT INTO prekey_ids (account_uuid, device_id, kind, key_id, digest)"
-            " VALUES ($1, $2, $3, $4, $5)",
-            [
-                (
-                    account_id,
-                    PRIMARY_DEVICE_ID,
-                    "signed",
-                    body.signed_pre_key.key_id,
-                    key_digest(body.signed_pre_key.public_key),
-                ),
-                (
-                    account_id,
-                    PRIMARY_DEVICE_ID,
-                    "kem",
-                    body.pq_last_resort_pre_key.key_id,
-                    key_digest(body.pq_last_resort_pre_key.public_key),
-                ),
-            ],
+        await record_registered_keys(
+            conn, account_id, PRIMARY_DEVICE_ID, body.signed_pre_key, body.pq_last_resort_pre_key
         )
     # The device's first request should not pay for a password hash the server just made.
     context.authenticator.remember(password_hash, password)
@@ -190,25 +173,8 @@ async def replace_identity(request: Request) -> Response:
             body.pq_last_resort_pre_key.signature,
             now,
         )
-        await conn.executemany(
-            "INSERT INTO prekey_ids (account_uuid, device_id, kind, key_id, digest)"
-            " VALUES ($1, $2, $3, $4, $5)",
-            [
-                (
-                    account,
-                    PRIMARY_DEVICE_ID,
-                    "signed",
-                    body.signed_pre_key.key_id,
-                    key_digest(body.signed_pre_key.public_key),
-                ),
-                (
-                    account,
-                    PRIMARY_DEVICE_ID,
-                    "kem",
-                    body.pq_last_resort_pre_key.key_id,
-                    key_digest(body.pq_last_resort_pre_key.public_key),
-                ),
-            ],
+        await record_registered_keys(
+            conn, account, PRIMARY_DEVICE_ID, body.signed_pre_key, body.pq_last_resort_pre_key
         )
     context.authenticator.remember(password_hash, password)
     # Connections made with the old identity end; the new install connects with its password.

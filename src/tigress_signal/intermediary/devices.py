@@ -43,7 +43,7 @@ from tigress_signal.intermediary.entities import (
     LinkCode,
     LinkDeviceRequest,
 )
-from tigress_signal.intermediary.schema import key_digest
+from tigress_signal.intermediary.keys import record_registered_keys
 from tigress_signal.intermediary.signatures import check_prekey_signatures
 
 logger = logging.getLogger(__name__)
@@ -136,25 +136,8 @@ async def link_device(request: Request) -> Response:
             body.pq_last_resort_pre_key.signature,
             now,
         )
-        await conn.executemany(
-            "INSERT INTO prekey_ids (account_uuid, device_id, kind, key_id, digest)"
-            " VALUES ($1, $2, $3, $4, $5)",
-            [
-                (
-                    account,
-                    device_id,
-                    "signed",
-                    body.signed_pre_key.key_id,
-                    key_digest(body.signed_pre_key.public_key),
-                ),
-                (
-                    account,
-                    device_id,
-                    "kem",
-                    body.pq_last_resort_pre_key.key_id,
-                    key_digest(body.pq_last_resort_pre_key.public_key),
-                ),
-            ],
+        await record_registered_keys(
+            conn, account, device_id, body.signed_pre_key, body.pq_last_resort_pre_key
         )
     context.authenticator.remember(password_hash, password)
     logger.info("linked device %d to an account", device_id)

@@ -366,3 +366,25 @@ class _Ledger:
                 " AND device_id = $2 AND kind = $3 AND key_id = $4 AND released_at IS NULL",
                 [(*self._owner, kind, key_id, self._now) for key_id in key_ids],
             )
+
+
+async def record_registered_keys(
+    conn: Connection,
+    account: str,
+    device_id: int,
+    signed: SignedPreKey,
+    last_resort: KemSignedPreKey,
+) -> None:
+    """Enter a new or re-registered device's signed and last-resort keys in the id ledger.
+
+    Run in the transaction that stores the device, so that a later upload reusing either id
+    with other key material is refused like any other.
+    """
+    await conn.executemany(
+        "INSERT INTO prekey_ids (account_uuid, device_id, kind, key_id, digest)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        [
+            (account, device_id, "signed", signed.key_id, key_digest(signed.public_key)),
+            (account, device_id, "kem", last_resort.key_id, key_digest(last_resort.public_key)),
+        ],
+    )
