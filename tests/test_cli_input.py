@@ -96,3 +96,16 @@ def test_init_against_no_server_fails_cleanly_and_leaves_no_half_wallet(tmp_path
 def test_commands_on_a_missing_wallet_say_so(tmp_path):
     refused(cli("wallet", "show", str(tmp_path / "nope")), 1, "no wallet folder")
     refused(cli("export", "--wallet", str(tmp_path / "nope"), "x", "--out", "o"), 1, "error:")
+
+
+def test_a_wait_that_runs_out_says_so(monkeypatch, tmp_path, capsys):
+    # TimeoutError is an OSError in Python 3.11: it must not come out as an empty "error: ".
+    from tigress_signal import cli
+
+    async def times_out(args: object) -> int:
+        raise TimeoutError
+
+    monkeypatch.setattr(cli, "_inbox", times_out)
+    assert cli.main(["inbox", "--wallet", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "timed out waiting for the peer" in err and "stays pending" in err

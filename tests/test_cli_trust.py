@@ -116,5 +116,8 @@ async def test_trust_refuses_bad_digits_and_unknown_peers(wallets):
     status, _, err = await cli("trust", "--wallet", str(alice), bob_id, "--safety-number", "12")
     assert status == 1 and "60 digits" in err
     unknown = "00000000-0000-4000-8000-000000000000"
-    status, _, err = await cli("trust", "--wallet", str(alice), unknown)
+    status, _, err = await cli("trust", "--wallet", str(alice), unknown, "--without-comparing")
     assert status == 1 and f"no identity key for {unknown}" in err
+    # Neither digits nor an explicit --without-comparing: refused before anything is opened.
+    status, _, err = await cli("trust", "--wallet", str(alice), bob_id)
+    assert status == 2 and "--safety-number" in err and "--without-comparing" in err

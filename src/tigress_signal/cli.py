@@ -66,12 +66,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"error: {describe_validation_error(exc)}", file=sys.stderr)
         return EXIT_FAILED
+    except TimeoutError:
+        # Before OSError, of which it is a subclass (and which would print an empty message).
+        print(
+            "error: timed out waiting for the peer; the share stays pending"
+            " (see it with inbox, go on with sync or accept later)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return EXIT_FAILED
-    except TimeoutError:
-        print("error: timed out waiting for the peer", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
@@ -135,7 +140,9 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--server", required=True, help="the intermediary's URL")
     init.add_argument("--trust", choices=["tofu", "always", "verify"], default="tofu")
     init.set_defaults(run=_wallet_init)
-    show = wallet.add_parser("show", help="print a wallet's account id")
+    show = wallet.add_parser(
+        "show", help="print a wallet's account, device, channel and server"
+    )
     show.add_argument("folder", type=Path)
     show.set_defaults(run=_wallet_show)
     link_request = wallet.add_parser(
@@ -239,10 +246,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     trust.add_argument("--wallet", type=Path, required=True)
     trust.add_argument("peer", metavar="ACCOUNT_ID")
-    trust.add_argument(
+    # Trusting a key nobody compared is what an attacker in the middle hopes for: the user has
+    # to either give the digits or say plainly that they did not compare them.
+    compared = trust.add_mutually_exclusive_group(required=True)
+    compared.add_argument(
         "--safety-number",
         metavar="DIGITS",
         help="the 60 digits compared with the peer; nothing is trusted unless they match",
+    )
+    compared.add_argument(
+        "--without-comparing",
+        action="store_true",
+        help="trust the key without comparing safety numbers (not recommended)",
     )
     trust.set_defaults(run=_trust)
 
@@ -561,7 +576,8 @@ async def _trust(args: argparse.Namespace) -> int:
     async with await Wallet.open(args.wallet) as wallet:
         changed = wallet.peer_identity(args.peer).changed
         processed = await wallet.trust(args.peer, args.safety_number)
-    print(f"trusted the {'new ' if changed else ''}identity key of {args.peer}")
+    how = "" if args.safety_number else " without comparing safety numbers"
+    print(f"trusted the {'new ' if changed else ''}identity key of {args.peer}{how}")
     print(f"processed {processed} kept message(s)")
     return 0
 
