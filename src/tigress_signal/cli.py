@@ -140,9 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--server", required=True, help="the intermediary's URL")
     init.add_argument("--trust", choices=["tofu", "always", "verify"], default="tofu")
     init.set_defaults(run=_wallet_init)
-    show = wallet.add_parser(
-        "show", help="print a wallet's account, device, channel and server"
-    )
+    show = wallet.add_parser("show", help="print a wallet's account, device, channel and server")
     show.add_argument("folder", type=Path)
     show.set_defaults(run=_wallet_show)
     link_request = wallet.add_parser(
