@@ -76,10 +76,13 @@ async def test_reset_identity_then_compare_and_trust_from_the_command_line(walle
     assert (status, out.strip()) == (0, bob_id)
 
     # Alice's send stops, with a hint that names both commands.
-    status, _, err = await cli(
+    status, out, err = await cli(
         "share", "--wallet", str(alice), "--to", bob_id, "--access-token", "a", "--title", "t"
     )
     assert status == 1
+    # The offer is stored and waits: its id is printed and the user is told not to share again.
+    (stored_share,) = out.split()
+    assert "stored but not sent yet" in err and "do not share again" in err
     assert f"identity key of {bob_id} is not trusted" in err
     assert f"tigress-signal safety-number --wallet {alice} {bob_id}" in err
     assert f"tigress-signal trust --wallet {alice} {bob_id} --safety-number DIGITS" in err
@@ -108,7 +111,7 @@ async def test_reset_identity_then_compare_and_trust_from_the_command_line(walle
 
     status, out, _ = await cli("inbox", "--wallet", str(bob), "--idle", "2")
     assert status == 0
-    assert "offered" in out
+    assert "offered" in out and stored_share in out
 
 
 async def test_trust_refuses_bad_digits_and_unknown_peers(wallets):

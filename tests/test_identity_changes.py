@@ -144,6 +144,7 @@ async def test_a_changed_key_stops_both_ways_until_trusted_then_everything_goes_
             await alice.wallet.shares.offer_provisioning(bob.id, token(b"after"), title="t")
         assert caught.value.peer == bob.id
         (pending,) = [s for s in alice.wallet.shares.shares() if s.state is ShareState.OFFERED]
+        assert caught.value.stored_share == pending.share_id
         identity = alice.wallet.peer_identity(bob.id)
         assert identity.changed and not identity.can_send
         assert identity.newest_key == new_key
@@ -234,6 +235,7 @@ async def test_verify_refuses_first_contact_and_remembers_the_key_it_saw(tmp_pat
             await alice.wallet.shares.offer_provisioning(bob.id, token(b"x"), title="t")
         assert caught.value.peer == bob.id
         assert alice.wallet.shares.shares() == []  # nothing stored, nothing sent
+        assert caught.value.stored_share is None
         identity = alice.wallet.peer_identity(bob.id)
         assert identity.trusted_key is None
         assert identity.newest_key == bob.wallet.account.identity_public_key

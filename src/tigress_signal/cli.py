@@ -436,6 +436,24 @@ async def _wallet_remove_device(args: argparse.Namespace) -> int:
 
 
 async def _share(args: argparse.Namespace) -> int:
+    try:
+        return await _offer(args)
+    except TigressSignalError as exc:
+        if exc.stored_share is None:
+            raise
+        # The offer is stored and waits in the outbox: say so, so nobody offers it twice.
+        print(exc.stored_share)
+        print(
+            f"the offer is stored but not sent yet: {exc.user_message()}; it goes out by itself"
+            " once that is resolved (sync sends it); do not share again",
+            file=sys.stderr,
+        )
+        if isinstance(exc, UntrustedIdentity):
+            print(_untrusted_hint(args, exc.peer), file=sys.stderr)
+        return EXIT_FAILED
+
+
+async def _offer(args: argparse.Namespace) -> int:
     lifetime = timedelta(hours=args.expires_in)
     async with _running(args.wallet) as wallet:
         if args.file is not None:

@@ -71,9 +71,13 @@ class TigressSignalError(Exception):
 
     Attributes:
         hint: one line telling a person what to do about it, or an empty string.
+        stored_share: set when the failure came after a new share was stored: the share's id.
+            Its message waits in the outbox and goes out once the cause is gone (the server
+            is back, the peer's key is trusted), so offering again would offer twice.
     """
 
     hint: str = ""
+    stored_share: str | None = None
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)

@@ -209,7 +209,16 @@ class ShareService:
     async def _start_offer(self, peer: str, offer: Offer, *, private: bytes) -> Share:
         envelope = self._envelope(offer)
         step = steps.plan_offer(peer, offer, envelope, private)
-        await self._carry_out(step, reply_envelope=envelope, must_deliver=True)
+        try:
+            await self._carry_out(step, reply_envelope=envelope, must_deliver=True)
+        except TigressSignalError as exc:
+            # Stored but not delivered: the caller must know the offer still goes out later.
+            stored = self._store.connection.execute(
+                "SELECT 1 FROM shares WHERE share_id = ?", (step.share_id,)
+            ).fetchone()
+            if stored is not None:
+                exc.stored_share = step.share_id
+            raise
         return self.share(step.share_id)
 
     # -- user answers (receiver side) and cancel ------------------------------------------------
