@@ -13,7 +13,7 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
     exit 1
 fi
 if ! command -v node >/dev/null || ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) < 20 ? 1 : 0)'; then
-    say "Node.js 20 or newer is needed for the libsignal sidecar (Debian: apt-get install nodejs npm)."
+    say "Node.js 20 or newer is needed for the libsignal sidecar (Debian 12 ships Node.js 18: take 20 from nodejs.org or NodeSource)."
     exit 1
 fi
 

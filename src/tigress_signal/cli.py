@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     # A server logs what it does (it has no other output); other commands only when asked.
-    chatty = args.log or getattr(args, "run", None) is _serve
+    chatty = args.log or getattr(args, "run", None) in (_serve, _relay_serve)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO if chatty else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -196,7 +196,10 @@ def _parser() -> argparse.ArgumentParser:
     share.add_argument("--valid-days", type=_days, default=7.0, help="digital key validity (days)")
     share.add_argument("--expires-in", type=_hours, default=48.0, help="offer lifetime (hours)")
     share.add_argument(
-        "--wait", type=_seconds, default=0.0, help="seconds to wait for the share to complete"
+        "--wait",
+        type=_seconds,
+        default=0.0,
+        help="seconds to wait for the share to end; the status is 1 unless it ends accepted",
     )
     share.set_defaults(run=_share)
 
@@ -488,6 +491,9 @@ async def _offer(args: argparse.Namespace) -> int:
         if args.wait > 0:
             share = await wallet.shares.wait_for(share.share_id, _FINAL_STATES, args.wait)
             print(share.state.value)
+            # A script tells an accepted share from a declined or cancelled one by the status.
+            if share.state is not ShareState.ACCEPTED:
+                return EXIT_FAILED
     return 0
 
 

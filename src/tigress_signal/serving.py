@@ -21,6 +21,8 @@ from starlette.applications import Starlette
 
 from tigress_signal.errors import ConfigError, TigressSignalError
 
+logger = logging.getLogger(__name__)
+
 
 class QuietServer(uvicorn.Server):
     """uvicorn's server without its own signal handling.
@@ -31,9 +33,18 @@ class QuietServer(uvicorn.Server):
     the process's handlers alone.
     """
 
+    #: Logged at INFO once the app has started and requests are answered (None: nothing).
+    ready_message: str | None = None
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # Announced only now: a script that waits for the line may connect at once.
+        await super().startup(sockets=sockets)
+        if self.started and self.ready_message:
+            logger.info("%s", self.ready_message)
 
 
 async def run_server(server: uvicorn.Server, sock: socket.socket) -> None:

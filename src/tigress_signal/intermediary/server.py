@@ -62,7 +62,7 @@ async def serve(config: IntermediaryConfig, *, verifier: SignatureVerifier | Non
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signum, _request_exit, server, app, signum)
             handled.append(signum)
-    logger.info("listening on %s", url_of(sock))
+    server.ready_message = f"listening on {url_of(sock)}"
     try:
         await run_server(server, sock)
     finally:

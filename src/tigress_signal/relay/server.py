@@ -55,7 +55,7 @@ async def serve(config: RelayConfig) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signum, _request_exit, app, server, signum)
             handled.append(signum)
-    logger.info("relay listening on %s", url_of(sock, tls=config.tls))
+    server.ready_message = f"relay listening on {url_of(sock, tls=config.tls)}"
     try:
         await run_server(server, sock)
     finally:

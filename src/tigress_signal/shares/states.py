@@ -118,6 +118,13 @@ def next_state(role: Role, flow: Flow, state: ShareState, event: str) -> ShareSt
             raise InvalidTransition(
                 f"the share is {state.value!r}: another device of this account answered it first"
             ) from None
+        if state.is_final:
+            what = (
+                f"{event.removeprefix('user:')!r} is no longer possible"
+                if event.startswith("user:")
+                else f"the message {event!r} changes nothing"
+            )
+            raise InvalidTransition(f"the share is already {state.value!r}: {what}") from None
         raise InvalidTransition(
             f"a {flow} share in state {state.value!r} on the {role} side does not accept"
             f" {event.removeprefix('user:')!r}"
