@@ -10,10 +10,8 @@ exactly once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
-import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -22,7 +20,6 @@ import pytest
 from tigress_signal.adapters.selfhosted import SelfHostedChannel
 from tigress_signal.adapters.session_repair import SessionRepair
 from tigress_signal.bridge.libsignal import MessageType
-from tigress_signal.credentials import ProvisioningInformation
 from tigress_signal.errors import (
     DuplicateMessage,
     InvalidMessage,
@@ -39,31 +36,10 @@ from tigress_signal.shares.states import ShareState
 from tigress_signal.wallet import send_log
 from tigress_signal.wallet.store import WalletStore
 from tigress_signal.wallet.wallet import Wallet
+from wallet_helpers import free_port, receiving, token
 
 WAIT = 30.0
 REPAIR_LOGGER = "tigress_signal.adapters.session_repair"
-
-
-def token(text: str) -> ProvisioningInformation:
-    return ProvisioningInformation(media_type="text/plain", content=text.encode())
-
-
-@contextlib.asynccontextmanager
-async def receiving(wallet: Wallet) -> AsyncIterator[None]:
-    task = asyncio.create_task(wallet.shares.run())
-    try:
-        yield
-    finally:
-        # Cancelling stops the loop but leaves the channel usable for the rest of the test.
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture

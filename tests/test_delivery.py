@@ -9,46 +9,22 @@ import base64
 import contextlib
 import json
 import signal
-import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tigress_signal.channel import SealedMessage
-from tigress_signal.credentials import ProvisioningInformation
 from tigress_signal.intermediary.client import IntermediaryClient
 from tigress_signal.intermediary.config import IntermediaryConfig, RateLimit
 from tigress_signal.intermediary.server import IntermediaryServer
 from tigress_signal.shares.states import ShareState
 from tigress_signal.wallet.wallet import Wallet
+from wallet_helpers import free_port, receiving, token
 
 WAIT = 30.0
-
-
-def token(text: str) -> ProvisioningInformation:
-    return ProvisioningInformation(media_type="text/plain", content=text.encode())
-
-
-@contextlib.asynccontextmanager
-async def receiving(wallet: Wallet) -> AsyncIterator[None]:
-    task = asyncio.create_task(wallet.shares.run())
-    try:
-        yield
-    finally:
-        # Cancelling stops the loop but leaves the channel usable for the rest of the test.
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ answer, so both answers are really on their way before she sees either one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 from collections.abc import AsyncIterator
@@ -34,19 +33,9 @@ from tigress_signal.shares.service import DigitalKeyTerms
 from tigress_signal.shares.states import ShareState
 from tigress_signal.wallet.linking import LinkSecrets, parse_link_request, seal_link_answer
 from tigress_signal.wallet.wallet import Wallet
+from wallet_helpers import receiving
 
 WAIT = 30.0
-
-
-@contextlib.asynccontextmanager
-async def receiving(wallet: Wallet) -> AsyncIterator[None]:
-    task = asyncio.create_task(wallet.shares.run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @dataclass

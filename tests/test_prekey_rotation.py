@@ -6,19 +6,14 @@ waited for).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import socket
 import sqlite3
 import tomllib
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from tigress_signal.credentials import ProvisioningInformation
 from tigress_signal.errors import ConfigError
 from tigress_signal.intermediary.client import IntermediaryClient
 from tigress_signal.intermediary.config import IntermediaryConfig, RateLimit
@@ -28,16 +23,11 @@ from tigress_signal.wallet.config import DEFAULT_GRACE_DAYS, parse_config
 from tigress_signal.wallet.rotation import last_resort_kyber_ids
 from tigress_signal.wallet.store import _MIGRATIONS, WalletStore
 from tigress_signal.wallet.wallet import Wallet
+from wallet_helpers import free_port, receiving, token
 
 WAIT = 30.0
 DAY = timedelta(days=1)
 GRACE = timedelta(days=DEFAULT_GRACE_DAYS)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture
@@ -50,26 +40,11 @@ def server_config(tmp_path: Path) -> IntermediaryConfig:
     )
 
 
-def token(text: str) -> ProvisioningInformation:
-    return ProvisioningInformation(media_type="text/plain", content=text.encode())
-
-
 def client_of(wallet: Wallet, url: str) -> IntermediaryClient:
     client = IntermediaryClient(url)
     account = wallet.account
     client.authenticate(account.account_id, account.device_id, account.password)
     return client
-
-
-@contextlib.asynccontextmanager
-async def receiving(wallet: Wallet) -> AsyncIterator[None]:
-    task = asyncio.create_task(wallet.shares.run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def record_keys(wallet: Wallet, kind: str) -> set[int]:
